@@ -1,0 +1,347 @@
+//! The extern "C" entry points. Each one is a thin shell: check arguments,
+//! call the Rust API, convert the result. No logic lives here that the Rust
+//! API lacks.
+
+use super::guard::{handle, last_error, out, read_sized, run, string, write_sized, VersionedStruct};
+use super::types::*;
+use crate::error::Error;
+use crate::image::{CreateOptions, Image, OpenOptions};
+use std::os::raw::{c_char, c_int};
+
+// SAFETY: all three are repr(C) plain data starting with `struct_size: usize`.
+unsafe impl VersionedStruct for qbm_create_options {
+    const NAME: &'static str = "qbm_create_options";
+}
+// SAFETY: as above.
+unsafe impl VersionedStruct for qbm_image_info {
+    const NAME: &'static str = "qbm_image_info";
+}
+// SAFETY: as above.
+unsafe impl VersionedStruct for qbm_bitmap_info {
+    const NAME: &'static str = "qbm_bitmap_info";
+}
+
+static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+
+/// The library version as "MAJOR.MINOR.PATCH". Never fails.
+#[no_mangle]
+pub extern "C" fn qbm_version() -> *const c_char {
+    VERSION.as_ptr().cast()
+}
+
+/// The calling thread's message for its last failed call ("" if none). The
+/// string stays valid until the thread's next failing call.
+#[no_mangle]
+pub extern "C" fn qbm_last_error() -> *const c_char {
+    last_error()
+}
+
+fn into_handle(image: Image, out_img: *mut *mut qbm_image) -> c_int {
+    let boxed = Box::new(qbm_image {
+        magic: HANDLE_MAGIC,
+        image,
+    });
+    // SAFETY: out_img was checked non-NULL by the caller of this helper.
+    unsafe { *out_img = Box::into_raw(boxed) };
+    0
+}
+
+fn check_out_handle(out_img: *mut *mut qbm_image) -> Result<(), Error> {
+    if out_img.is_null() {
+        return Err(Error::InvalidArgument("output image pointer is NULL".into()));
+    }
+    Ok(())
+}
+
+/// Opens the qcow2 image at `path`. `flags`: `QBM_OPEN_RDWR` for read-write
+/// (bitmaps are then marked in_use on disk until close), 0 for read-only.
+/// On success stores the handle in `*img`.
+#[no_mangle]
+pub extern "C" fn qbm_open(path: *const c_char, flags: u32, img: *mut *mut qbm_image) -> c_int {
+    run(|| {
+        let path = string(path, "path")?;
+        check_out_handle(img)?;
+        if flags & !QBM_OPEN_RDWR != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{path}: unknown open flags {:#x}",
+                flags & !QBM_OPEN_RDWR
+            )));
+        }
+        let image = Image::open(path, OpenOptions { writable: flags & QBM_OPEN_RDWR != 0 })?;
+        Ok(into_handle(image, img))
+    })
+}
+
+/// Creates a new qcow2 v3 image at `path` (which must not exist) and opens it
+/// read-write. On success stores the handle in `*img`.
+#[no_mangle]
+pub extern "C" fn qbm_create(
+    path: *const c_char,
+    options: *const qbm_create_options,
+    img: *mut *mut qbm_image,
+) -> c_int {
+    run(|| {
+        let path = string(path, "path")?;
+        let o = read_sized(options)?;
+        check_out_handle(img)?;
+        if o.flags != 0 {
+            return Err(Error::InvalidArgument(format!("{path}: unknown create flags {:#x}", o.flags)));
+        }
+        let defaults = CreateOptions::default();
+        let opts = CreateOptions {
+            size: o.virtual_size,
+            cluster_size: if o.cluster_size == 0 { defaults.cluster_size } else { o.cluster_size },
+            refcount_bits: if o.refcount_bits == 0 { defaults.refcount_bits } else { o.refcount_bits },
+        };
+        let image = Image::create(path, &opts)?;
+        Ok(into_handle(image, img))
+    })
+}
+
+/// Stores every changed bitmap (they stay flagged in_use while open).
+#[no_mangle]
+pub extern "C" fn qbm_flush(img: *mut qbm_image) -> c_int {
+    run(|| handle(img)?.image.flush().map(|_| 0))
+}
+
+/// Stores every bitmap with in_use cleared and frees the handle. The handle
+/// is consumed even when storing fails. NULL is a no-op returning 0.
+#[no_mangle]
+pub extern "C" fn qbm_close(img: *mut qbm_image) -> c_int {
+    run(|| {
+        if img.is_null() {
+            return Ok(0);
+        }
+        handle(img)?;
+        // SAFETY: the handle is live (checked above) and came from Box::into_raw;
+        // the caller gives up ownership by calling close.
+        let mut boxed = unsafe { Box::from_raw(img) };
+        boxed.magic = 0;
+        let qbm_image { image, .. } = *boxed;
+        image.close().map(|_| 0)
+    })
+}
+
+/// Fills `*info` (set `info->struct_size` first).
+#[no_mangle]
+pub extern "C" fn qbm_image_get_info(img: *mut qbm_image, info: *mut qbm_image_info) -> c_int {
+    run(|| {
+        let i = handle(img)?.image.info()?;
+        write_sized(
+            info,
+            qbm_image_info {
+                struct_size: 0,
+                virtual_size: i.virtual_size,
+                cluster_size: i.cluster_size,
+                refcount_bits: i.refcount_bits,
+                version: i.version,
+                bitmap_count: i.bitmap_count as u32,
+                flags: if i.writable { QBM_IMAGE_WRITABLE } else { 0 },
+            },
+        )?;
+        Ok(0)
+    })
+}
+
+/// Stores the number of bitmaps (usable or not) in `*count`.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_count(img: *mut qbm_image, count: *mut u32) -> c_int {
+    run(|| {
+        let n = handle(img)?.image.bitmaps()?.len() as u32;
+        *out(count, "count")? = n;
+        Ok(0)
+    })
+}
+
+/// Fills `*info` for bitmap number `index` (0 ..< qbm_bitmap_count) in
+/// directory order; -ENOENT past the end.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_get_info(img: *mut qbm_image, index: u32, info: *mut qbm_bitmap_info) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        let list = h.image.bitmaps()?;
+        let b = list.get(index as usize).ok_or_else(|| {
+            Error::NotFound(format!(
+                "{}: no bitmap at index {index} (the image has {})",
+                h.image.name(),
+                list.len()
+            ))
+        })?;
+        let mut name = [0 as c_char; 1024];
+        for (d, s) in name.iter_mut().zip(b.name.bytes().take(QBM_NAME_MAX)) {
+            *d = s as c_char;
+        }
+        let mut flags = 0;
+        if b.enabled {
+            flags |= QBM_BITMAP_ENABLED;
+        }
+        if b.in_use {
+            flags |= QBM_BITMAP_IN_USE;
+        }
+        if !b.usable && !b.in_use {
+            flags |= QBM_BITMAP_UNSUPPORTED;
+        }
+        write_sized(
+            info,
+            qbm_bitmap_info {
+                struct_size: 0,
+                name,
+                granularity: b.granularity,
+                flags,
+                extra_data_size: b.extra_data.len() as u32,
+                dirty_bytes: b.dirty_bytes,
+            },
+        )?;
+        Ok(0)
+    })
+}
+
+/// Adds an empty bitmap. `granularity` in bytes (power of two, 512 to 2 GiB),
+/// or 0 for QEMU's default (the cluster size within 4 KiB..64 KiB).
+/// `flags`: `QBM_BITMAP_DISABLED` to create it disabled.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_add(img: *mut qbm_image, name: *const c_char, granularity: u64, flags: u32) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        let name = string(name, "bitmap name")?;
+        if flags & !QBM_BITMAP_DISABLED != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: bitmap '{name}': unknown flags {:#x}",
+                h.image.name(),
+                flags & !QBM_BITMAP_DISABLED
+            )));
+        }
+        let granularity = (granularity != 0).then_some(granularity);
+        h.image
+            .add_bitmap(name, granularity, flags & QBM_BITMAP_DISABLED == 0)
+            .map(|_| 0)
+    })
+}
+
+fn by_name(img: *mut qbm_image, name: *const c_char, op: fn(&Image, &str) -> crate::Result<()>) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        let name = string(name, "bitmap name")?;
+        op(&h.image, name).map(|_| 0)
+    })
+}
+
+/// Removes a bitmap (also an inconsistent one); its clusters are freed at the
+/// next flush or close.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_remove(img: *mut qbm_image, name: *const c_char) -> c_int {
+    by_name(img, name, Image::remove_bitmap)
+}
+
+/// Clears every bit of a bitmap.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_clear(img: *mut qbm_image, name: *const c_char) -> c_int {
+    by_name(img, name, Image::clear_bitmap)
+}
+
+/// Enables a bitmap: `qbm_mark_dirty` marks it.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_enable(img: *mut qbm_image, name: *const c_char) -> c_int {
+    by_name(img, name, Image::enable_bitmap)
+}
+
+/// Disables (freezes) a bitmap: `qbm_mark_dirty` no longer marks it.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_disable(img: *mut qbm_image, name: *const c_char) -> c_int {
+    by_name(img, name, Image::disable_bitmap)
+}
+
+/// Renames bitmap `old_name` to `new_name`.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_rename(img: *mut qbm_image, old_name: *const c_char, new_name: *const c_char) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        let old = string(old_name, "old bitmap name")?;
+        let new = string(new_name, "new bitmap name")?;
+        h.image.rename_bitmap(old, new).map(|_| 0)
+    })
+}
+
+/// ORs bitmap `src_name` of `src_img` (may be `dst_img`) into `dst_name` of
+/// `dst_img`. Granularities may differ; disk sizes must match.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_merge(
+    dst_img: *mut qbm_image,
+    dst_name: *const c_char,
+    src_img: *mut qbm_image,
+    src_name: *const c_char,
+) -> c_int {
+    run(|| {
+        let dst = handle(dst_img)?;
+        let src = handle(src_img)?;
+        let dst_name = string(dst_name, "destination bitmap name")?;
+        let src_name = string(src_name, "source bitmap name")?;
+        dst.image.merge_bitmap(dst_name, &src.image, src_name).map(|_| 0)
+    })
+}
+
+/// Marks every granule that `[offset, offset+length)` touches in one bitmap.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_set(img: *mut qbm_image, name: *const c_char, offset: u64, length: u64) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        let name = string(name, "bitmap name")?;
+        h.image.set_range(name, offset, length).map(|_| 0)
+    })
+}
+
+/// Clears `[offset, offset+length)` in one bitmap; the range must start on a
+/// granule boundary and end on one or at the end of the disk.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_reset(img: *mut qbm_image, name: *const c_char, offset: u64, length: u64) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        let name = string(name, "bitmap name")?;
+        h.image.reset_range(name, offset, length).map(|_| 0)
+    })
+}
+
+/// Marks `[offset, offset+length)` dirty in every enabled bitmap. Lock-free:
+/// call it from any number of threads, on every guest write.
+#[no_mangle]
+pub extern "C" fn qbm_mark_dirty(img: *mut qbm_image, offset: u64, length: u64) -> c_int {
+    run(|| handle(img)?.image.mark_dirty(offset, length).map(|_| 0))
+}
+
+/// Stores the number of dirty bytes of a bitmap in `*bytes`.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_dirty_bytes(img: *mut qbm_image, name: *const c_char, bytes: *mut u64) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        let name = string(name, "bitmap name")?;
+        let out_bytes = out(bytes, "dirty bytes output")?;
+        *out_bytes = h.image.dirty_bytes(name)?;
+        Ok(0)
+    })
+}
+
+/// Finds the next dirty run at or after `from`: returns 1 and stores it in
+/// `*start`/`*length`, 0 when there is none, a negative errno on error.
+#[no_mangle]
+pub extern "C" fn qbm_bitmap_next_extent(
+    img: *mut qbm_image,
+    name: *const c_char,
+    from: u64,
+    start: *mut u64,
+    length: *mut u64,
+) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        let name = string(name, "bitmap name")?;
+        let start = out(start, "start output")?;
+        let length = out(length, "length output")?;
+        match h.image.next_extent(name, from)? {
+            Some((s, l)) => {
+                *start = s;
+                *length = l;
+                Ok(1)
+            }
+            None => Ok(0),
+        }
+    })
+}

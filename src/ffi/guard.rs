@@ -1,0 +1,131 @@
+//! The boundary: panic guard, errno conversion, the thread-local message and
+//! the checked conversions of raw pointers. Every `unsafe` of the C API that
+//! touches caller memory lives here.
+
+use super::types::{qbm_image, HANDLE_MAGIC};
+use crate::error::{Error, Result};
+use std::cell::RefCell;
+use std::ffi::{CStr, CString};
+use std::os::raw::{c_char, c_int};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: String) {
+    // Interior NULs cannot be represented; replace them rather than lose the message.
+    let msg = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = msg);
+}
+
+/// The calling thread's last message; valid until its next failing call.
+pub(crate) fn last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Runs an entry point: a `Result` becomes 0/positive or a negative errno
+/// with a message; a panic becomes -EIO with a message.
+pub(crate) fn run(f: impl FnOnce() -> Result<c_int>) -> c_int {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            let errno = e.errno();
+            set_last_error(e.to_string());
+            -errno
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            set_last_error(format!("internal error in libqbm (please report): {what}"));
+            -libc::EIO
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+/// The live handle behind `p`.
+pub(crate) fn handle<'a>(p: *const qbm_image) -> Result<&'a qbm_image> {
+    if p.is_null() {
+        return Err(invalid("image handle is NULL"));
+    }
+    // SAFETY: a non-NULL handle came from qbm_open/qbm_create (Box::into_raw),
+    // and the caller promises it has not been passed to qbm_close. The magic
+    // check catches a closed handle whose memory was not reused yet.
+    let h = unsafe { &*p };
+    if h.magic != HANDLE_MAGIC {
+        return Err(invalid("image handle is not valid (closed or corrupted)"));
+    }
+    Ok(h)
+}
+
+/// A NUL-terminated UTF-8 string argument.
+pub(crate) fn string<'a>(p: *const c_char, what: &str) -> Result<&'a str> {
+    if p.is_null() {
+        return Err(invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: the caller passes a NUL-terminated string that stays valid for
+    // the duration of the call (C API convention).
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str()
+        .map_err(|_| invalid(format!("{what} {:?} is not valid UTF-8", s.to_string_lossy())))
+}
+
+/// A place to write one output value.
+pub(crate) fn out<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T> {
+    // SAFETY: a non-NULL output pointer points to a writable, aligned T owned
+    // by the caller for the duration of the call.
+    unsafe { p.as_mut() }.ok_or_else(|| invalid(format!("{what} is NULL")))
+}
+
+/// Size-versioned structs start with `struct_size: usize`.
+/// # Safety
+/// Implementors are `repr(C)` plain-data structs whose first field is `struct_size: usize`.
+pub(crate) unsafe trait VersionedStruct: Copy {
+    const NAME: &'static str;
+}
+
+fn caller_size<T: VersionedStruct>(p: *const T) -> Result<usize> {
+    if p.is_null() {
+        return Err(invalid(format!("struct {} pointer is NULL", T::NAME)));
+    }
+    // SAFETY: T starts with a usize (trait contract) and the caller allocated
+    // at least that much; only the size field is read here.
+    let size = unsafe { *(p as *const usize) };
+    if size < std::mem::size_of::<T>() {
+        return Err(invalid(format!(
+            "struct {}.struct_size is {size}, expected at least {}",
+            T::NAME,
+            std::mem::size_of::<T>()
+        )));
+    }
+    Ok(size)
+}
+
+/// Reads a size-versioned input struct.
+pub(crate) fn read_sized<T: VersionedStruct>(p: *const T) -> Result<T> {
+    caller_size(p)?;
+    // SAFETY: the caller's struct is at least size_of::<T>() bytes (checked above).
+    Ok(unsafe { *p })
+}
+
+/// Writes a size-versioned output struct, keeping the caller's struct_size.
+pub(crate) fn write_sized<T: VersionedStruct>(p: *mut T, value: T) -> Result<()> {
+    let size = caller_size(p)?;
+    let n = size.min(std::mem::size_of::<T>());
+    // SAFETY: both regions are at least n bytes; the first usize (struct_size)
+    // is skipped so the caller's value stays.
+    unsafe {
+        let src = &value as *const T as *const u8;
+        let dst = p as *mut u8;
+        let skip = std::mem::size_of::<usize>();
+        std::ptr::copy_nonoverlapping(src.add(skip), dst.add(skip), n - skip);
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Types and constants of the C API.
+
+use crate::image::Image;
+use std::os::raw::c_char;
+
+/// Library version, also given by `qbm_version()`.
+pub const QBM_VERSION_MAJOR: u32 = 0;
+pub const QBM_VERSION_MINOR: u32 = 1;
+pub const QBM_VERSION_PATCH: u32 = 0;
+
+/// `qbm_open` flag: open read-write (read-only otherwise).
+pub const QBM_OPEN_RDWR: u32 = 1 << 0;
+
+/// `qbm_bitmap_add` flag: the new bitmap starts disabled (not marked by writes).
+pub const QBM_BITMAP_DISABLED: u32 = 1 << 0;
+
+/// `qbm_bitmap_info.flags`: marked by every write (`auto` on disk).
+pub const QBM_BITMAP_ENABLED: u32 = 1 << 0;
+/// `qbm_bitmap_info.flags`: found in use (inconsistent) at open; it can only be removed.
+pub const QBM_BITMAP_IN_USE: u32 = 1 << 1;
+/// `qbm_bitmap_info.flags`: carries extra data this version does not
+/// understand; it is preserved but cannot be used or changed.
+pub const QBM_BITMAP_UNSUPPORTED: u32 = 1 << 2;
+
+/// `qbm_image_info.flags`: the image is open read-write.
+pub const QBM_IMAGE_WRITABLE: u32 = 1 << 0;
+
+/// Longest bitmap name in bytes (the format's limit); names are copied into
+/// `qbm_bitmap_info.name` with a terminating NUL.
+pub const QBM_NAME_MAX: usize = 1023;
+
+/// An open image. Opaque: create it with `qbm_open` or `qbm_create`, free it
+/// with `qbm_close`.
+pub struct qbm_image {
+    /// `HANDLE_MAGIC` while the handle is live; lets calls on a closed handle
+    /// fail cleanly where the memory has not been reused yet.
+    pub(crate) magic: u64,
+    pub(crate) image: Image,
+}
+
+pub(crate) const HANDLE_MAGIC: u64 = 0x7162_6d5f_696d_6721;
+
+/// Options for `qbm_create`. Set `struct_size` to `sizeof(struct qbm_create_options)`;
+/// fields a caller's older, shorter struct lacks take their defaults.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct qbm_create_options {
+    /// `sizeof(struct qbm_create_options)` as the caller compiled it.
+    pub struct_size: usize,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes, 512 to 2 MiB, a power of two; 0 means 64 KiB.
+    pub cluster_size: u64,
+    /// Refcount width: 1, 2, 4, 8, 16, 32 or 64; 0 means 16.
+    pub refcount_bits: u32,
+    /// Reserved, must be 0.
+    pub flags: u32,
+}
+
+/// Facts about an open image, filled by `qbm_image_get_info`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct qbm_image_info {
+    /// `sizeof(struct qbm_image_info)` as the caller compiled it.
+    pub struct_size: usize,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// qcow2 version: 2 or 3.
+    pub version: u32,
+    /// Number of bitmaps, usable or not.
+    pub bitmap_count: u32,
+    /// `QBM_IMAGE_*` bits.
+    pub flags: u32,
+}
+
+/// One bitmap, filled by `qbm_bitmap_get_info`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct qbm_bitmap_info {
+    /// `sizeof(struct qbm_bitmap_info)` as the caller compiled it.
+    pub struct_size: usize,
+    /// The name, NUL-terminated; the caller owns this copy.
+    pub name: [c_char; 1024],
+    /// Bytes of guest disk per bit.
+    pub granularity: u64,
+    /// `QBM_BITMAP_*` bits.
+    pub flags: u32,
+    /// Bytes of extra data in the directory entry (kept unchanged).
+    pub extra_data_size: u32,
+    /// Dirty bytes (0 unless the bitmap is usable).
+    pub dirty_bytes: u64,
+}

@@ -1,0 +1,710 @@
+//! Loading, storing and changing the persistent bitmaps of an image.
+//!
+//! Store order (FORMAT.md section 5): new data clusters and tables into fresh
+//! clusters, flush; the new directory into fresh clusters, flush; cluster 0
+//! naming it, flush; only then are the old clusters freed.
+
+use super::{Image, State};
+use crate::bitmap::DirtyBitmap;
+use crate::error::{Error, Result};
+use crate::format::bitmap_dir::{self, DirEntry, FLAG_AUTO, FLAG_IN_USE};
+use crate::format::bitmap_table::{self, TableEntry};
+use crate::format::extension::{self, BitmapsExtension, Extension};
+use crate::format::header;
+use crate::corrupt;
+use std::sync::Arc;
+
+/// Reads and writes of bitmap data go in pieces of at most this many bytes.
+const IO_CHUNK: u64 = 8 << 20;
+
+/// What a caller sees of one bitmap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapInfo {
+    pub name: String,
+    pub granularity: u64,
+    /// Marked by every write (the `auto` flag).
+    pub enabled: bool,
+    /// Found flagged in_use when the image was opened: its content is not
+    /// trustworthy, and it can only be removed.
+    pub in_use: bool,
+    /// Neither inconsistent nor carrying extra data this version does not know.
+    pub usable: bool,
+    /// Dirty bytes (0 when not usable).
+    pub dirty_bytes: u64,
+    /// Extra data from the directory entry, kept byte for byte.
+    pub extra_data: Vec<u8>,
+}
+
+/// One bitmap of the image, loaded or not.
+pub(crate) struct Slot {
+    /// The directory entry as it is (or will be) on disk. `table_offset` and
+    /// `table_size` name the stored table while `table` is `Some`.
+    entry: DirEntry,
+    /// The bits; `None` when the bitmap is inconsistent or untouchable.
+    data: Option<Arc<DirtyBitmap>>,
+    /// The entries of the stored table, once known.
+    table: Option<Vec<TableEntry>>,
+}
+
+impl Slot {
+    pub(crate) fn usable(&self) -> bool {
+        self.data.is_some()
+    }
+
+    fn info(&self) -> BitmapInfo {
+        BitmapInfo {
+            name: self.entry.name.clone(),
+            granularity: 1u64 << self.entry.granularity_bits,
+            enabled: self.entry.auto(),
+            in_use: self.data.is_none() && self.entry.in_use(),
+            usable: self.usable(),
+            dirty_bytes: self.data.as_ref().map_or(0, |d| d.dirty_bytes()),
+            extra_data: self.entry.extra_data.clone(),
+        }
+    }
+
+    fn needs_data_store(&self) -> bool {
+        self.data.as_ref().is_some_and(|d| self.table.is_none() || d.is_modified())
+    }
+}
+
+impl State {
+    pub(super) fn enabled_bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.slots
+            .iter()
+            .filter(|s| s.entry.auto())
+            .filter_map(|s| s.data.clone())
+            .collect()
+    }
+
+    fn file_len(&self) -> Result<u64> {
+        self.storage.len().map_err(|e| Error::io("reading the file size", e))
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+        self.storage
+            .read_at(buf, offset)
+            .map_err(|e| Error::io(format!("reading {what} at {offset:#x}"), e))
+    }
+
+    fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| Error::io(format!("writing {what} at {offset:#x}"), e))
+    }
+
+    /// Parses the directory named by the bitmaps extension and loads every
+    /// bitmap that is consistent and understood.
+    pub(super) fn load_bitmaps(&mut self, writable: bool) -> Result<()> {
+        let ext = self.extensions.iter().find(|e| e.magic == extension::BITMAPS);
+        let consistent = self.header.version == 3
+            && self.header.autoclear_features & header::AUTOCLEAR_BITMAPS != 0;
+        let ext = match (ext, consistent) {
+            (Some(e), true) => BitmapsExtension::parse(&e.data, self.cluster_size())?,
+            // Stale: an older program opened the image read-write. Ignore it.
+            (Some(_), false) => return Ok(()),
+            (None, true) if writable => {
+                return corrupt!("autoclear bit 0 (bitmaps) is set but there is no bitmaps extension")
+            }
+            (None, _) => return Ok(()),
+        };
+        let file_len = self.file_len()?;
+        if ext.directory_offset.saturating_add(ext.directory_size) > file_len {
+            return corrupt!(
+                "bitmap directory at {:#x} (+{}) lies past the end of the file ({file_len})",
+                ext.directory_offset,
+                ext.directory_size
+            );
+        }
+        let mut dir = vec![0u8; ext.directory_size as usize];
+        self.read(&mut dir, ext.directory_offset, "the bitmap directory")?;
+        let entries = bitmap_dir::parse(&dir, ext.nb_bitmaps, self.header.size, self.cluster_size())?;
+        self.directory = Some((ext.directory_offset, ext.directory_size));
+        for entry in entries {
+            let loadable = !entry.in_use() && !entry.has_incompatible_extra_data();
+            let (data, table) = if loadable {
+                let table = self.read_table(&entry)?;
+                (Some(Arc::new(self.load_data(&entry, &table)?)), Some(table))
+            } else {
+                (None, None)
+            };
+            self.slots.push(Slot { entry, data, table });
+        }
+        Ok(())
+    }
+
+    fn read_table(&self, entry: &DirEntry) -> Result<Vec<TableEntry>> {
+        let what = format!("bitmap '{}'", entry.name);
+        let bytes = u64::from(entry.table_size) * 8;
+        let file_len = self.file_len()?;
+        if entry.table_offset.saturating_add(bytes) > file_len {
+            return corrupt!(
+                "{what}: bitmap table at {:#x} (+{bytes}) lies past the end of the file ({file_len})",
+                entry.table_offset
+            );
+        }
+        let mut buf = vec![0u8; bytes as usize];
+        self.read(&mut buf, entry.table_offset, &format!("{what} table"))?;
+        let table = bitmap_table::parse(&buf, self.cluster_size(), &what)?;
+        let cs = self.cluster_size();
+        for (i, t) in table.iter().enumerate() {
+            if let TableEntry::Data(off) = *t {
+                if off.saturating_add(cs) > file_len.next_multiple_of(cs) {
+                    return corrupt!("{what}: bitmap table entry {i} points at {off:#x}, past the end of the file");
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    /// Reads a bitmap's data clusters, coalescing runs of adjacent clusters.
+    fn load_data(&self, entry: &DirEntry, table: &[TableEntry]) -> Result<DirtyBitmap> {
+        let bm = DirtyBitmap::new(self.header.size, u32::from(entry.granularity_bits))
+            .map_err(|e| Error::io(format!("allocating memory for bitmap '{}'", entry.name), e))?;
+        let cs = self.cluster_size();
+        let total = bm.serialized_len();
+        let max_run = (IO_CHUNK / cs).max(1) as usize;
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while i < table.len() {
+            let first_byte = i as u64 * cs;
+            match table[i] {
+                TableEntry::Zeros => i += 1,
+                TableEntry::Ones => {
+                    bm.fill_serialized_ones(first_byte, cs.min(total - first_byte));
+                    i += 1;
+                }
+                TableEntry::Data(off) => {
+                    let mut run = 1;
+                    while run < max_run
+                        && i + run < table.len()
+                        && table[i + run] == TableEntry::Data(off + run as u64 * cs)
+                    {
+                        run += 1;
+                    }
+                    let len = (run as u64 * cs).min(total - first_byte) as usize;
+                    buf.resize(len, 0);
+                    self.read(&mut buf, off, &format!("bitmap '{}' data", entry.name))?;
+                    bm.write_serialized(first_byte, &buf);
+                    i += run;
+                }
+            }
+        }
+        bm.take_modified();
+        Ok(bm)
+    }
+
+    /// Stores what changed. `closing` clears in_use on the stored bitmaps;
+    /// otherwise they stay flagged, because marks keep arriving.
+    pub(super) fn persist(&mut self, closing: bool) -> Result<()> {
+        let want_in_use = !closing;
+        let flags_change = self
+            .slots
+            .iter()
+            .any(|s| s.usable() && s.entry.in_use() != want_in_use);
+        let data_change = self.slots.iter().any(Slot::needs_data_store);
+        if !(self.dir_changed || flags_change || data_change || !self.pending_free.is_empty()) {
+            return Ok(());
+        }
+        // Fail before writing anything if the extension cannot fit.
+        let (exts, autoclear) = self.bitmaps_extensions(Some((0, 0, 1)));
+        self.encode_cluster0(&exts, autoclear)?;
+
+        // Marks racing with the store set `modified` again and are stored next time.
+        let changed: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].needs_data_store())
+            .collect();
+        for &i in &changed {
+            self.slots[i].data.as_ref().expect("usable").take_modified();
+        }
+        let result = self.store_and_commit(&changed, want_in_use);
+        if result.is_err() {
+            for &i in &changed {
+                self.slots[i].data.as_ref().expect("usable").set_modified();
+            }
+        }
+        result
+    }
+
+    fn store_and_commit(&mut self, changed: &[usize], want_in_use: bool) -> Result<()> {
+        // 1. Data and tables of changed bitmaps, into fresh clusters.
+        let mut entries: Vec<DirEntry> = self.slots.iter().map(|s| s.entry.clone()).collect();
+        let mut new_tables = Vec::with_capacity(changed.len());
+        for &i in changed {
+            let data = self.slots[i].data.clone().expect("usable");
+            let (offset, table) = self.store_data(&entries[i].name, &data)?;
+            entries[i].table_offset = offset;
+            entries[i].table_size = table.len() as u32;
+            new_tables.push((i, table));
+        }
+        self.flush_storage()?;
+
+        // 2. The directory, into fresh clusters.
+        for (e, s) in entries.iter_mut().zip(&self.slots) {
+            if s.usable() {
+                e.flags = if want_in_use { e.flags | FLAG_IN_USE } else { e.flags & !FLAG_IN_USE };
+            }
+        }
+        let cs = self.cluster_size();
+        let new_dir = if entries.is_empty() {
+            None
+        } else {
+            let mut bytes = bitmap_dir::encode(&entries);
+            let size = bytes.len() as u64;
+            let clusters = size.div_ceil(cs);
+            let offset = self.allocate(clusters)?;
+            bytes.resize((clusters * cs) as usize, 0);
+            self.write(&bytes, offset, "the bitmap directory")?;
+            self.flush_storage()?;
+            Some((offset, size, entries.len() as u32))
+        };
+
+        // 3. Cluster 0 names the new directory.
+        let (exts, autoclear) = self.bitmaps_extensions(new_dir);
+        let (header, bytes) = self.encode_cluster0(&exts, autoclear)?;
+        self.write(&bytes, 0, "the header")?;
+        self.flush_storage()?;
+        self.header = header;
+        self.extensions = exts;
+
+        // 4. The new directory is durable: what only the old one named is garbage.
+        if let Some((offset, size)) = self.directory.take() {
+            self.pending_free.push((offset, size.div_ceil(cs)));
+        }
+        self.directory = new_dir.map(|(offset, size, _)| (offset, size));
+        for (i, table) in new_tables {
+            let slot = &mut self.slots[i];
+            if let Some(old) = slot.table.replace(table) {
+                self.pending_free.extend(table_clusters(slot.entry.table_offset, &old, cs));
+            }
+        }
+        for (slot, entry) in self.slots.iter_mut().zip(entries) {
+            slot.entry = entry;
+        }
+        self.dir_changed = false;
+        self.free_pending()
+    }
+
+    /// Frees clusters no durable metadata names any more. On failure the
+    /// image stays valid and the clusters leak (qemu-img check -r leaks).
+    fn free_pending(&mut self) -> Result<()> {
+        let pieces = std::mem::take(&mut self.pending_free);
+        let storage = self.storage.as_ref();
+        self.alloc.as_mut().expect("writable").free_all(storage, &pieces)
+    }
+
+    /// The extension list and autoclear bits with the bitmaps extension set
+    /// to `dir` (offset, size, count), or removed when `None`.
+    fn bitmaps_extensions(&self, dir: Option<(u64, u64, u32)>) -> (Vec<Extension>, u64) {
+        let mut exts = self.extensions.clone();
+        let pos = exts.iter().position(|e| e.magic == extension::BITMAPS);
+        let autoclear = self.header.autoclear_features;
+        match dir {
+            Some((offset, size, nb)) => {
+                let ext = Extension {
+                    magic: extension::BITMAPS,
+                    data: BitmapsExtension {
+                        nb_bitmaps: nb,
+                        directory_size: size,
+                        directory_offset: offset,
+                    }
+                    .encode(),
+                };
+                match pos {
+                    Some(p) => exts[p] = ext,
+                    None => exts.push(ext),
+                }
+                (exts, autoclear | header::AUTOCLEAR_BITMAPS)
+            }
+            None => {
+                if let Some(p) = pos {
+                    exts.remove(p);
+                }
+                (exts, autoclear & !header::AUTOCLEAR_BITMAPS)
+            }
+        }
+    }
+
+    /// Writes one bitmap's data clusters and table into fresh clusters and
+    /// returns the table's offset and entries. Clusters that are all zeros or
+    /// all ones are not written: the table entry says so.
+    fn store_data(&mut self, name: &str, data: &DirtyBitmap) -> Result<(u64, Vec<TableEntry>)> {
+        let cs = self.cluster_size();
+        let total = data.serialized_len();
+        let n = total.div_ceil(cs);
+        let mut kinds = Vec::with_capacity(n as usize);
+        let mut cluster = vec![0u8; cs as usize];
+        for i in 0..n {
+            let start = i * cs;
+            let len = cs.min(total - start);
+            kinds.push(if data.serialized_range_is_clean(start, len) {
+                TableEntry::Zeros
+            } else {
+                data.read_serialized(start, &mut cluster[..len as usize]);
+                classify(&cluster[..len as usize], start + len == total, data.bit_count())
+            });
+        }
+        let data_clusters = kinds.iter().filter(|k| matches!(k, TableEntry::Data(_))).count() as u64;
+        let table_clusters = (n * 8).div_ceil(cs).max(1);
+        let base = self.allocate(data_clusters + table_clusters)?;
+
+        // Data clusters are contiguous from `base`: write them in big pieces.
+        let per_chunk = (IO_CHUNK / cs).max(1);
+        let mut next = base;
+        let mut buf: Vec<u8> = Vec::new();
+        let mut buf_at = base;
+        for (i, kind) in kinds.iter_mut().enumerate() {
+            if *kind != TableEntry::Data(0) {
+                continue;
+            }
+            let start = i as u64 * cs;
+            let len = cs.min(total - start) as usize;
+            let at = buf.len();
+            buf.resize(at + cs as usize, 0);
+            data.read_serialized(start, &mut buf[at..at + len]);
+            *kind = TableEntry::Data(next);
+            next += cs;
+            if buf.len() as u64 >= per_chunk * cs {
+                self.write(&buf, buf_at, &format!("bitmap '{name}' data"))?;
+                buf_at = next;
+                buf.clear();
+            }
+        }
+        if !buf.is_empty() {
+            self.write(&buf, buf_at, &format!("bitmap '{name}' data"))?;
+        }
+        let mut table = bitmap_table::encode(&kinds);
+        table.resize((table_clusters * cs) as usize, 0);
+        self.write(&table, next, &format!("bitmap '{name}' table"))?;
+        Ok((next, kinds))
+    }
+}
+
+/// How one serialized cluster is stored. `Data(0)` means "needs a cluster".
+/// `last` says the cluster holds the final byte, whose bits past `bit_count`
+/// are padding.
+fn classify(bytes: &[u8], last: bool, bit_count: u64) -> TableEntry {
+    if bytes.iter().all(|&b| b == 0) {
+        return TableEntry::Zeros;
+    }
+    let (body, tail) = match (last, bit_count % 8) {
+        (true, r) if r != 0 => (&bytes[..bytes.len() - 1], Some((1u8 << r) - 1)),
+        _ => (bytes, None),
+    };
+    if body.iter().all(|&b| b == 0xff) && tail.is_none_or(|mask| bytes[bytes.len() - 1] == mask) {
+        TableEntry::Ones
+    } else {
+        TableEntry::Data(0)
+    }
+}
+
+/// (offset, clusters) pieces a stored table and its data occupy.
+fn table_clusters(table_offset: u64, table: &[TableEntry], cs: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = table
+        .iter()
+        .filter_map(|t| match t {
+            TableEntry::Data(off) => Some((*off, 1)),
+            _ => None,
+        })
+        .collect();
+    out.push((table_offset, (table.len() as u64 * 8).div_ceil(cs).max(1)));
+    out
+}
+
+impl State {
+    fn find(&self, name: &str) -> Result<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.entry.name == name)
+            .ok_or_else(|| Error::NotFound(format!("bitmap '{name}' not found")))
+    }
+
+    /// The bits of a bitmap that may be read or changed.
+    fn usable(&self, name: &str) -> Result<(usize, Arc<DirtyBitmap>)> {
+        let i = self.find(name)?;
+        let slot = &self.slots[i];
+        match &slot.data {
+            Some(d) => Ok((i, d.clone())),
+            None if slot.entry.in_use() => Err(Error::Busy(format!(
+                "bitmap '{name}' is inconsistent (it was in use when the image was opened); it can only be removed"
+            ))),
+            None => Err(Error::NotSupported(format!(
+                "bitmap '{name}' carries {} bytes of extra data this version does not understand; it is kept but cannot be used",
+                slot.entry.extra_data.len()
+            ))),
+        }
+    }
+
+    /// The clusters a bitmap that was never loaded occupies, if its table
+    /// can be trusted enough to free them; otherwise they leak.
+    fn unloaded_clusters(&self, entry: &DirEntry) -> Vec<(u64, u64)> {
+        match self.read_table(entry) {
+            Ok(table) => table_clusters(entry.table_offset, &table, self.cluster_size()),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Checks a granularity given in bytes and returns its bit count.
+fn granularity_bits(granularity: u64) -> Result<u8> {
+    let min = 1u64 << bitmap_dir::MIN_GRANULARITY_BITS;
+    let max = 1u64 << bitmap_dir::MAX_GRANULARITY_BITS;
+    if !granularity.is_power_of_two() || !(min..=max).contains(&granularity) {
+        return Err(Error::InvalidArgument(format!(
+            "granularity {granularity} must be a power of two from {min} to {max}"
+        )));
+    }
+    Ok(granularity.trailing_zeros() as u8)
+}
+
+impl Image {
+    fn ctx(&self, e: Error) -> Error {
+        e.context(&self.name)
+    }
+
+    fn writable_state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        if !self.writable {
+            return Err(self.read_only_error());
+        }
+        self.lock()
+    }
+
+    /// Every bitmap, in directory order.
+    pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
+        Ok(self.lock()?.slots.iter().map(Slot::info).collect())
+    }
+
+    pub fn bitmap_info(&self, name: &str) -> Result<BitmapInfo> {
+        let st = self.lock()?;
+        let i = st.find(name).map_err(|e| self.ctx(e))?;
+        Ok(st.slots[i].info())
+    }
+
+    /// The granularity QEMU picks when none is given: the cluster size,
+    /// kept within 4 KiB ..= 64 KiB.
+    pub fn default_granularity(&self) -> u64 {
+        let cs = self.state.lock().map_or(65536, |s| s.cluster_size());
+        cs.clamp(4096, 65536)
+    }
+
+    /// Adds an empty bitmap. `granularity` None picks QEMU's default.
+    pub fn add_bitmap(&self, name: &str, granularity: Option<u64>, enabled: bool) -> Result<()> {
+        let mut st = self.writable_state()?;
+        let granularity = granularity.unwrap_or_else(|| st.cluster_size().clamp(4096, 65536));
+        self.add_locked(&mut st, name, granularity, enabled).map_err(|e| self.ctx(e))?;
+        self.publish_enabled(&st);
+        Ok(())
+    }
+
+    fn add_locked(&self, st: &mut State, name: &str, granularity: u64, enabled: bool) -> Result<()> {
+        if st.header.version < 3 {
+            return Err(Error::NotSupported(format!(
+                "cannot store dirty bitmap '{name}' in a qcow2 v2 image (version 3 needed)"
+            )));
+        }
+        bitmap_dir::validate_name(name).map_err(Error::InvalidArgument)?;
+        let bits = granularity_bits(granularity)?;
+        if st.slots.iter().any(|s| s.entry.name == name) {
+            return Err(Error::Exists(format!("bitmap '{name}' already exists")));
+        }
+        if st.slots.len() >= extension::MAX_BITMAPS as usize {
+            return Err(Error::NoSpace(format!(
+                "cannot add bitmap '{name}': the image already has the maximum of {} bitmaps",
+                extension::MAX_BITMAPS
+            )));
+        }
+        let cs = st.cluster_size();
+        bitmap_dir::check_bitmap_limits(st.header.size, bits, cs)
+            .map_err(|m| Error::InvalidArgument(format!("bitmap '{name}': {m}")))?;
+        let entry = DirEntry {
+            table_offset: 0,
+            table_size: bitmap_dir::table_entries(st.header.size, bits, cs) as u32,
+            flags: if enabled { FLAG_AUTO } else { 0 },
+            bitmap_type: bitmap_dir::TYPE_DIRTY_TRACKING,
+            granularity_bits: bits,
+            name: name.to_string(),
+            extra_data: Vec::new(),
+        };
+        let dir_size: u64 = st.slots.iter().map(|s| s.entry.encoded_len() as u64).sum::<u64>()
+            + entry.encoded_len() as u64;
+        if dir_size > extension::MAX_DIRECTORY_SIZE {
+            return Err(Error::NoSpace(format!(
+                "cannot add bitmap '{name}': the directory would be {dir_size} bytes, more than {}",
+                extension::MAX_DIRECTORY_SIZE
+            )));
+        }
+        let (exts, autoclear) = st.bitmaps_extensions(Some((0, 0, 1)));
+        st.encode_cluster0(&exts, autoclear)?;
+        let data = DirtyBitmap::new(st.header.size, u32::from(bits))
+            .map_err(|e| Error::io(format!("allocating memory for bitmap '{name}'"), e))?;
+        st.slots.push(Slot {
+            entry,
+            data: Some(Arc::new(data)),
+            table: None,
+        });
+        st.dir_changed = true;
+        Ok(())
+    }
+
+    /// Removes a bitmap, usable or not. Its clusters are freed once a
+    /// directory without it is durable.
+    pub fn remove_bitmap(&self, name: &str) -> Result<()> {
+        let mut st = self.writable_state()?;
+        let i = st.find(name).map_err(|e| self.ctx(e))?;
+        let slot = st.slots.remove(i);
+        let cs = st.cluster_size();
+        let pieces = match &slot.table {
+            Some(t) => table_clusters(slot.entry.table_offset, t, cs),
+            None if slot.entry.table_offset != 0 && !slot.usable() => st.unloaded_clusters(&slot.entry),
+            None => Vec::new(),
+        };
+        st.pending_free.extend(pieces);
+        st.dir_changed = true;
+        self.publish_enabled(&st);
+        Ok(())
+    }
+
+    pub fn clear_bitmap(&self, name: &str) -> Result<()> {
+        let st = self.writable_state()?;
+        let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
+        data.clear_all();
+        Ok(())
+    }
+
+    pub fn enable_bitmap(&self, name: &str) -> Result<()> {
+        self.set_enabled(name, true)
+    }
+
+    pub fn disable_bitmap(&self, name: &str) -> Result<()> {
+        self.set_enabled(name, false)
+    }
+
+    fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        let mut st = self.writable_state()?;
+        let (i, _) = st.usable(name).map_err(|e| self.ctx(e))?;
+        let entry = &mut st.slots[i].entry;
+        if entry.auto() != enabled {
+            entry.flags ^= FLAG_AUTO;
+            st.dir_changed = true;
+            self.publish_enabled(&st);
+        }
+        Ok(())
+    }
+
+    pub fn rename_bitmap(&self, old: &str, new: &str) -> Result<()> {
+        let mut st = self.writable_state()?;
+        let (i, _) = st.usable(old).map_err(|e| self.ctx(e))?;
+        if old == new {
+            return Ok(());
+        }
+        bitmap_dir::validate_name(new).map_err(|m| self.ctx(Error::InvalidArgument(m)))?;
+        if st.find(new).is_ok() {
+            return Err(self.ctx(Error::Exists(format!("bitmap '{new}' already exists"))));
+        }
+        let grow = new.len() as u64 - old.len().min(new.len()) as u64;
+        let dir_size: u64 = st.slots.iter().map(|s| s.entry.encoded_len() as u64).sum::<u64>() + grow;
+        if dir_size > extension::MAX_DIRECTORY_SIZE {
+            return Err(self.ctx(Error::NoSpace(format!(
+                "renaming '{old}' would make the directory {dir_size} bytes, more than {}",
+                extension::MAX_DIRECTORY_SIZE
+            ))));
+        }
+        st.slots[i].entry.name = new.to_string();
+        st.dir_changed = true;
+        Ok(())
+    }
+
+    /// ORs bitmap `src_name` of `src` (this image or another open one) into
+    /// bitmap `dst_name` of this image. Granularities may differ; disk sizes
+    /// must match, as QEMU requires.
+    pub fn merge_bitmap(&self, dst_name: &str, src: &Image, src_name: &str) -> Result<()> {
+        let src_data = if std::ptr::eq(self, src) {
+            None
+        } else {
+            let st = src.lock()?;
+            Some(st.usable(src_name).map_err(|e| src.ctx(e))?.1)
+        };
+        let st = self.writable_state()?;
+        let (_, dst) = st.usable(dst_name).map_err(|e| self.ctx(e))?;
+        let src_data = match src_data {
+            Some(d) => d,
+            None => st.usable(src_name).map_err(|e| self.ctx(e))?.1,
+        };
+        if src_data.size() != dst.size() {
+            return Err(self.ctx(Error::InvalidArgument(format!(
+                "cannot merge bitmap '{src_name}' of a {}-byte disk into bitmap '{dst_name}' of a {}-byte disk",
+                src_data.size(),
+                dst.size()
+            ))));
+        }
+        dst.merge_from(&src_data);
+        Ok(())
+    }
+
+    /// Marks every granule that `[offset, offset+length)` touches.
+    pub fn set_range(&self, name: &str, offset: u64, length: u64) -> Result<()> {
+        let st = self.writable_state()?;
+        let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
+        self.check_range(offset, length)?;
+        data.mark_bytes(offset, length);
+        Ok(())
+    }
+
+    /// Clears `[offset, offset+length)`, which must start on a granule and end
+    /// on one or at the end of the disk, so no byte outside it is forgotten.
+    pub fn reset_range(&self, name: &str, offset: u64, length: u64) -> Result<()> {
+        let st = self.writable_state()?;
+        let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
+        self.check_range(offset, length)?;
+        let g = data.granularity();
+        let end = offset + length;
+        if offset % g != 0 || (end % g != 0 && end != self.size) {
+            return Err(self.ctx(Error::InvalidArgument(format!(
+                "bitmap '{name}': reset range at offset {offset} of length {length} is not aligned to the granularity {g}"
+            ))));
+        }
+        data.reset_bits(offset / g, end.div_ceil(g) - offset / g);
+        Ok(())
+    }
+
+    pub fn dirty_bytes(&self, name: &str) -> Result<u64> {
+        let st = self.lock()?;
+        let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
+        Ok(data.dirty_bytes())
+    }
+
+    /// The next dirty run (start, length) at or after `from`, or None.
+    pub fn next_extent(&self, name: &str, from: u64) -> Result<Option<(u64, u64)>> {
+        let data = self.bitmap_data(name)?;
+        Ok(data.next_dirty_extent(from))
+    }
+
+    /// Every dirty run, in order.
+    pub fn extents(&self, name: &str) -> Result<Extents> {
+        Ok(Extents {
+            data: self.bitmap_data(name)?,
+            next: 0,
+        })
+    }
+
+    fn bitmap_data(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+        let st = self.lock()?;
+        Ok(st.usable(name).map_err(|e| self.ctx(e))?.1)
+    }
+}
+
+/// Iterator over the dirty runs of one bitmap, as (start, length) in bytes.
+pub struct Extents {
+    data: Arc<DirtyBitmap>,
+    next: u64,
+}
+
+impl Iterator for Extents {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let (start, len) = self.data.next_dirty_extent(self.next)?;
+        self.next = start + len;
+        Some((start, len))
+    }
+}

@@ -1,0 +1,149 @@
+//! Creating a new, empty qcow2 v3 image.
+
+use super::allocator::Allocator;
+use super::{Image, OpenOptions};
+use crate::error::{Error, Result};
+use crate::format::extension;
+use crate::format::header::{self, Header};
+use crate::format::refcount;
+use crate::storage::{FileStorage, Storage};
+use std::path::Path;
+
+/// QEMU refuses L1 tables bigger than this.
+const MAX_L1_BYTES: u64 = 32 << 20;
+
+/// What `Image::create` makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// 512 B ..= 2 MiB, a power of two.
+    pub cluster_size: u64,
+    /// 1, 2, 4, 8, 16, 32 or 64.
+    pub refcount_bits: u32,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: 65536,
+            refcount_bits: 16,
+        }
+    }
+}
+
+impl CreateOptions {
+    fn validate(&self) -> Result<(u32, u32, u32)> {
+        let cs = self.cluster_size;
+        let min = 1u64 << header::MIN_CLUSTER_BITS;
+        let max = 1u64 << header::MAX_CLUSTER_BITS;
+        if !cs.is_power_of_two() || !(min..=max).contains(&cs) {
+            return Err(Error::InvalidArgument(format!(
+                "cluster size {cs} must be a power of two from {min} to {max}"
+            )));
+        }
+        let rb = self.refcount_bits;
+        if !rb.is_power_of_two() || rb > 64 {
+            return Err(Error::InvalidArgument(format!(
+                "refcount bits {rb} must be 1, 2, 4, 8, 16, 32 or 64"
+            )));
+        }
+        let cluster_bits = cs.trailing_zeros();
+        let l2_span = cs * (cs / 8);
+        let l1_entries = self.size.div_ceil(l2_span);
+        if l1_entries * 8 > MAX_L1_BYTES || self.size > i64::MAX as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "a {}-byte disk is too big for cluster size {cs} (the L1 table would exceed {MAX_L1_BYTES} bytes)",
+                self.size
+            )));
+        }
+        Ok((cluster_bits, rb.trailing_zeros(), l1_entries as u32))
+    }
+}
+
+impl Image {
+    /// Creates a new image at `path` (which must not exist) and opens it
+    /// read-write.
+    pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        options.validate().map_err(|e| e.context(&name))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("{name}: cannot create"), e))?;
+        let storage = FileStorage::new(file);
+        if let Err(e) = format(&storage, options) {
+            let _ = std::fs::remove_file(path);
+            return Err(e.context(&name));
+        }
+        Image::open_storage(Box::new(storage), &name, OpenOptions { writable: true })
+    }
+
+    /// Formats `storage` (which must be empty) and opens it read-write.
+    pub fn create_storage(storage: Box<dyn Storage>, name: &str, options: &CreateOptions) -> Result<Image> {
+        format(storage.as_ref(), options).map_err(|e| e.context(name))?;
+        Image::open_storage(storage, name, OpenOptions { writable: true })
+    }
+}
+
+/// Writes the smallest valid image: header, a one-cluster refcount table and
+/// one refcount block at clusters 0-2, then the L1 table through the allocator.
+fn format(storage: &dyn Storage, options: &CreateOptions) -> Result<()> {
+    let (cluster_bits, refcount_order, l1_size) = options.validate()?;
+    let cs = 1u64 << cluster_bits;
+    let io = |what: &'static str| move |e| Error::io(what, e);
+    let mut header = Header {
+        version: 3,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits,
+        size: options.size,
+        crypt_method: 0,
+        l1_size: 0,
+        l1_table_offset: 0,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order,
+        header_length: 112,
+        compression_type: 0,
+        unknown_tail: vec![0; 7],
+    };
+    let mut cluster0 = header.encode();
+    cluster0.extend(extension::encode_all(&[]));
+    cluster0.resize(cs as usize, 0);
+    let mut table = vec![0u8; cs as usize];
+    table[..8].copy_from_slice(&(2 * cs).to_be_bytes());
+    let mut block = vec![0u8; cs as usize];
+    for c in 0..3 {
+        refcount::set(&mut block, refcount_order, c, 1);
+    }
+    let mut image = cluster0;
+    image.extend(table);
+    image.extend(block);
+    storage.write_at(&image, 0).map_err(io("writing the new image"))?;
+
+    if l1_size > 0 {
+        let mut alloc = Allocator::load(storage, cluster_bits, refcount_order, cs, 1)?;
+        let l1_bytes = u64::from(l1_size) * 8;
+        let clusters = l1_bytes.div_ceil(cs);
+        let l1 = alloc.allocate(storage, clusters)?;
+        storage
+            .write_at(&vec![0u8; (clusters * cs) as usize], l1)
+            .map_err(io("writing the L1 table"))?;
+        header.l1_size = l1_size;
+        header.l1_table_offset = l1;
+        header.refcount_table_offset = alloc.table_offset();
+        header.refcount_table_clusters = alloc.table_clusters();
+        storage.write_at(&header.encode(), 0).map_err(io("writing the header"))?;
+    }
+    storage.flush().map_err(io("flushing the new image"))
+}
