@@ -8,8 +8,12 @@ fn main() {
     println!("cargo:rerun-if-changed=src/ffi");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libqbm.so.0");
-    println!("cargo:rustc-cdylib-link-arg=-Wl,--version-script={}", dir.join("src/ffi/libqbm.map").display());
-    let config = cbindgen::Config::from_file(dir.join("cbindgen.toml")).expect("cbindgen.toml is valid");
+    println!(
+        "cargo:rustc-cdylib-link-arg=-Wl,--version-script={}",
+        dir.join("src/ffi/libqbm.map").display()
+    );
+    let config =
+        cbindgen::Config::from_file(dir.join("cbindgen.toml")).expect("cbindgen.toml is valid");
     // Only the ffi module is the C contract: parse its files, not the crate.
     let generated = cbindgen::Builder::new()
         .with_config(config)

@@ -2,7 +2,9 @@
 //! call the Rust API, convert the result. No logic lives here that the Rust
 //! API lacks.
 
-use super::guard::{handle, last_error, out, read_sized, run, string, write_sized, VersionedStruct};
+use super::guard::{
+    handle, last_error, out, read_sized, run, string, write_sized, VersionedStruct,
+};
 use super::types::*;
 use crate::error::Error;
 use crate::image::{CreateOptions, Image, OpenOptions};
@@ -48,7 +50,9 @@ fn into_handle(image: Image, out_img: *mut *mut qbm_image) -> c_int {
 
 fn check_out_handle(out_img: *mut *mut qbm_image) -> Result<(), Error> {
     if out_img.is_null() {
-        return Err(Error::InvalidArgument("output image pointer is NULL".into()));
+        return Err(Error::InvalidArgument(
+            "output image pointer is NULL".into(),
+        ));
     }
     Ok(())
 }
@@ -67,7 +71,12 @@ pub extern "C" fn qbm_open(path: *const c_char, flags: u32, img: *mut *mut qbm_i
                 flags & !QBM_OPEN_RDWR
             )));
         }
-        let image = Image::open(path, OpenOptions { writable: flags & QBM_OPEN_RDWR != 0 })?;
+        let image = Image::open(
+            path,
+            OpenOptions {
+                writable: flags & QBM_OPEN_RDWR != 0,
+            },
+        )?;
         Ok(into_handle(image, img))
     })
 }
@@ -85,13 +94,24 @@ pub extern "C" fn qbm_create(
         let o = read_sized(options)?;
         check_out_handle(img)?;
         if o.flags != 0 {
-            return Err(Error::InvalidArgument(format!("{path}: unknown create flags {:#x}", o.flags)));
+            return Err(Error::InvalidArgument(format!(
+                "{path}: unknown create flags {:#x}",
+                o.flags
+            )));
         }
         let defaults = CreateOptions::default();
         let opts = CreateOptions {
             size: o.virtual_size,
-            cluster_size: if o.cluster_size == 0 { defaults.cluster_size } else { o.cluster_size },
-            refcount_bits: if o.refcount_bits == 0 { defaults.refcount_bits } else { o.refcount_bits },
+            cluster_size: if o.cluster_size == 0 {
+                defaults.cluster_size
+            } else {
+                o.cluster_size
+            },
+            refcount_bits: if o.refcount_bits == 0 {
+                defaults.refcount_bits
+            } else {
+                o.refcount_bits
+            },
         };
         let image = Image::create(path, &opts)?;
         Ok(into_handle(image, img))
@@ -156,7 +176,11 @@ pub extern "C" fn qbm_bitmap_count(img: *mut qbm_image, count: *mut u32) -> c_in
 /// Fills `*info` for bitmap number `index` (0 ..< qbm_bitmap_count) in
 /// directory order; -ENOENT past the end.
 #[no_mangle]
-pub extern "C" fn qbm_bitmap_get_info(img: *mut qbm_image, index: u32, info: *mut qbm_bitmap_info) -> c_int {
+pub extern "C" fn qbm_bitmap_get_info(
+    img: *mut qbm_image,
+    index: u32,
+    info: *mut qbm_bitmap_info,
+) -> c_int {
     run(|| {
         let h = handle(img)?;
         let list = h.image.bitmaps()?;
@@ -200,7 +224,12 @@ pub extern "C" fn qbm_bitmap_get_info(img: *mut qbm_image, index: u32, info: *mu
 /// or 0 for QEMU's default (the cluster size within 4 KiB..64 KiB).
 /// `flags`: `QBM_BITMAP_DISABLED` to create it disabled.
 #[no_mangle]
-pub extern "C" fn qbm_bitmap_add(img: *mut qbm_image, name: *const c_char, granularity: u64, flags: u32) -> c_int {
+pub extern "C" fn qbm_bitmap_add(
+    img: *mut qbm_image,
+    name: *const c_char,
+    granularity: u64,
+    flags: u32,
+) -> c_int {
     run(|| {
         let h = handle(img)?;
         let name = string(name, "bitmap name")?;
@@ -218,7 +247,11 @@ pub extern "C" fn qbm_bitmap_add(img: *mut qbm_image, name: *const c_char, granu
     })
 }
 
-fn by_name(img: *mut qbm_image, name: *const c_char, op: fn(&Image, &str) -> crate::Result<()>) -> c_int {
+fn by_name(
+    img: *mut qbm_image,
+    name: *const c_char,
+    op: fn(&Image, &str) -> crate::Result<()>,
+) -> c_int {
     run(|| {
         let h = handle(img)?;
         let name = string(name, "bitmap name")?;
@@ -253,7 +286,11 @@ pub extern "C" fn qbm_bitmap_disable(img: *mut qbm_image, name: *const c_char) -
 
 /// Renames bitmap `old_name` to `new_name`.
 #[no_mangle]
-pub extern "C" fn qbm_bitmap_rename(img: *mut qbm_image, old_name: *const c_char, new_name: *const c_char) -> c_int {
+pub extern "C" fn qbm_bitmap_rename(
+    img: *mut qbm_image,
+    old_name: *const c_char,
+    new_name: *const c_char,
+) -> c_int {
     run(|| {
         let h = handle(img)?;
         let old = string(old_name, "old bitmap name")?;
@@ -276,13 +313,20 @@ pub extern "C" fn qbm_bitmap_merge(
         let src = handle(src_img)?;
         let dst_name = string(dst_name, "destination bitmap name")?;
         let src_name = string(src_name, "source bitmap name")?;
-        dst.image.merge_bitmap(dst_name, &src.image, src_name).map(|_| 0)
+        dst.image
+            .merge_bitmap(dst_name, &src.image, src_name)
+            .map(|_| 0)
     })
 }
 
 /// Marks every granule that `[offset, offset+length)` touches in one bitmap.
 #[no_mangle]
-pub extern "C" fn qbm_bitmap_set(img: *mut qbm_image, name: *const c_char, offset: u64, length: u64) -> c_int {
+pub extern "C" fn qbm_bitmap_set(
+    img: *mut qbm_image,
+    name: *const c_char,
+    offset: u64,
+    length: u64,
+) -> c_int {
     run(|| {
         let h = handle(img)?;
         let name = string(name, "bitmap name")?;
@@ -293,7 +337,12 @@ pub extern "C" fn qbm_bitmap_set(img: *mut qbm_image, name: *const c_char, offse
 /// Clears `[offset, offset+length)` in one bitmap; the range must start on a
 /// granule boundary and end on one or at the end of the disk.
 #[no_mangle]
-pub extern "C" fn qbm_bitmap_reset(img: *mut qbm_image, name: *const c_char, offset: u64, length: u64) -> c_int {
+pub extern "C" fn qbm_bitmap_reset(
+    img: *mut qbm_image,
+    name: *const c_char,
+    offset: u64,
+    length: u64,
+) -> c_int {
     run(|| {
         let h = handle(img)?;
         let name = string(name, "bitmap name")?;
@@ -310,7 +359,11 @@ pub extern "C" fn qbm_mark_dirty(img: *mut qbm_image, offset: u64, length: u64) 
 
 /// Stores the number of dirty bytes of a bitmap in `*bytes`.
 #[no_mangle]
-pub extern "C" fn qbm_bitmap_dirty_bytes(img: *mut qbm_image, name: *const c_char, bytes: *mut u64) -> c_int {
+pub extern "C" fn qbm_bitmap_dirty_bytes(
+    img: *mut qbm_image,
+    name: *const c_char,
+    bytes: *mut u64,
+) -> c_int {
     run(|| {
         let h = handle(img)?;
         let name = string(name, "bitmap name")?;

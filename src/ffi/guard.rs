@@ -73,8 +73,12 @@ pub(crate) fn string<'a>(p: *const c_char, what: &str) -> Result<&'a str> {
     // SAFETY: the caller passes a NUL-terminated string that stays valid for
     // the duration of the call (C API convention).
     let s = unsafe { CStr::from_ptr(p) };
-    s.to_str()
-        .map_err(|_| invalid(format!("{what} {:?} is not valid UTF-8", s.to_string_lossy())))
+    s.to_str().map_err(|_| {
+        invalid(format!(
+            "{what} {:?} is not valid UTF-8",
+            s.to_string_lossy()
+        ))
+    })
 }
 
 /// A place to write one output value.

@@ -91,7 +91,11 @@ pub fn table_entries(size: u64, granularity_bits: u8, cluster_size: u64) -> u64 
 
 /// Checks that a bitmap of this granularity fits QEMU's limits for a disk of
 /// `size` bytes; the error says which limit.
-pub fn check_bitmap_limits(size: u64, granularity_bits: u8, cluster_size: u64) -> std::result::Result<(), String> {
+pub fn check_bitmap_limits(
+    size: u64,
+    granularity_bits: u8,
+    cluster_size: u64,
+) -> std::result::Result<(), String> {
     if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits) {
         return Err(format!(
             "granularity {} is out of range (512 B ..= 2 GiB, a power of two)",
@@ -121,7 +125,10 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
     let mut at = 0usize;
     for i in 0..nb {
         if at + ENTRY_FIXED_LEN > buf.len() {
-            return corrupt!("bitmap directory entry {i} at byte {at} runs past the directory size {}", buf.len());
+            return corrupt!(
+                "bitmap directory entry {i} at byte {at} runs past the directory size {}",
+                buf.len()
+            );
         }
         let table_offset = be64(buf, at);
         let table_size = be32(buf, at + 8);
@@ -168,7 +175,10 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
             return corrupt!("{what}: name_size {name_size} out of range 1..={MAX_NAME_SIZE}");
         }
         if flags & !FLAGS_KNOWN != 0 {
-            return corrupt!("{what}: reserved flag bits {:#x} are set", flags & !FLAGS_KNOWN);
+            return corrupt!(
+                "{what}: reserved flag bits {:#x} are set",
+                flags & !FLAGS_KNOWN
+            );
         }
         if bitmap_type != TYPE_DIRTY_TRACKING {
             return corrupt!("{what}: type {bitmap_type} is not 1 (dirty tracking)");
@@ -249,7 +259,10 @@ mod tests {
             (Box::new(|e| e.flags |= 1 << 5), "reserved flag bits"),
             (Box::new(|e| e.bitmap_type = 2), "type 2"),
             (Box::new(|e| e.table_size = 2), "bitmap_table_size 2"),
-            (Box::new(|e| e.table_offset = 0x50001), "bitmap_table_offset"),
+            (
+                Box::new(|e| e.table_offset = 0x50001),
+                "bitmap_table_offset",
+            ),
         ];
         for (mutate, needle) in cases {
             let mut e = entry("x");
@@ -259,10 +272,16 @@ mod tests {
             assert!(err.to_string().contains(needle), "{err} lacks {needle}");
         }
         let dup = encode(&[entry("x"), entry("x")]);
-        assert!(parse(&dup, 2, 1 << 30, 65536).unwrap_err().to_string().contains("duplicate"));
+        assert!(parse(&dup, 2, 1 << 30, 65536)
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate"));
         let mut bad = encode(&[entry("x")]);
         bad[24] = 0xff;
-        assert!(parse(&bad, 1, 1 << 30, 65536).unwrap_err().to_string().contains("UTF-8"));
+        assert!(parse(&bad, 1, 1 << 30, 65536)
+            .unwrap_err()
+            .to_string()
+            .contains("UTF-8"));
         assert!(parse(&bad[..20], 1, 1 << 30, 65536).is_err());
     }
 

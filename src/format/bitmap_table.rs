@@ -33,10 +33,14 @@ impl TableEntry {
             });
         }
         if raw & ALL_ONES_FLAG != 0 {
-            return Err(format!("entry {raw:#018x} has both an offset and the all-ones flag"));
+            return Err(format!(
+                "entry {raw:#018x} has both an offset and the all-ones flag"
+            ));
         }
         if offset % cluster_size != 0 {
-            return Err(format!("entry {raw:#018x}: offset {offset:#x} is not cluster aligned"));
+            return Err(format!(
+                "entry {raw:#018x}: offset {offset:#x} is not cluster aligned"
+            ));
         }
         Ok(TableEntry::Data(offset))
     }
@@ -53,15 +57,20 @@ impl TableEntry {
 /// Decodes a whole table; `what` names the bitmap in errors.
 pub fn parse(buf: &[u8], cluster_size: u64, what: &str) -> Result<Vec<TableEntry>> {
     (0..buf.len() / 8)
-        .map(|i| match TableEntry::decode(be64(buf, i * 8), cluster_size) {
-            Ok(e) => Ok(e),
-            Err(m) => corrupt!("{what}: bitmap table {m} (index {i})"),
-        })
+        .map(
+            |i| match TableEntry::decode(be64(buf, i * 8), cluster_size) {
+                Ok(e) => Ok(e),
+                Err(m) => corrupt!("{what}: bitmap table {m} (index {i})"),
+            },
+        )
         .collect()
 }
 
 pub fn encode(entries: &[TableEntry]) -> Vec<u8> {
-    entries.iter().flat_map(|e| e.encode().to_be_bytes()).collect()
+    entries
+        .iter()
+        .flat_map(|e| e.encode().to_be_bytes())
+        .collect()
 }
 
 #[cfg(test)]
@@ -73,7 +82,10 @@ mod tests {
         let cs = 65536;
         assert_eq!(TableEntry::decode(0, cs), Ok(TableEntry::Zeros));
         assert_eq!(TableEntry::decode(1, cs), Ok(TableEntry::Ones));
-        assert_eq!(TableEntry::decode(0x30000, cs), Ok(TableEntry::Data(0x30000)));
+        assert_eq!(
+            TableEntry::decode(0x30000, cs),
+            Ok(TableEntry::Data(0x30000))
+        );
         assert!(TableEntry::decode(0x30200, cs).is_err());
         assert!(TableEntry::decode(0x30001, cs).is_err());
         assert!(TableEntry::decode(1 << 63, cs).is_err());
@@ -82,7 +94,11 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let t = vec![TableEntry::Zeros, TableEntry::Ones, TableEntry::Data(0x1_0000_0000)];
+        let t = vec![
+            TableEntry::Zeros,
+            TableEntry::Ones,
+            TableEntry::Data(0x1_0000_0000),
+        ];
         assert_eq!(parse(&encode(&t), 512, "b").unwrap(), t);
     }
 }

@@ -40,9 +40,17 @@ pub fn parse_all(cluster0: &[u8], start: usize) -> Result<Vec<Extension>> {
             .filter(|&e| e <= cluster0.len())
             .ok_or(())
             .or_else(|_| {
-                corrupt!("header extension {magic:#010x} at {at:#x} of length {len} runs past cluster 0")
+                corrupt!(
+                    "header extension {magic:#010x} at {at:#x} of length {len} runs past cluster 0"
+                )
             })?;
-        let known = [BACKING_FORMAT, FEATURE_NAME_TABLE, BITMAPS, FULL_DISK_ENCRYPTION, DATA_FILE];
+        let known = [
+            BACKING_FORMAT,
+            FEATURE_NAME_TABLE,
+            BITMAPS,
+            FULL_DISK_ENCRYPTION,
+            DATA_FILE,
+        ];
         if known.contains(&magic) && out.iter().any(|e: &Extension| e.magic == magic) {
             return corrupt!("header extension {magic:#010x} appears twice");
         }

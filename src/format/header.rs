@@ -135,7 +135,9 @@ impl Header {
             ("snapshots_offset", h.snapshots_offset),
         ] {
             if off % cluster_size != 0 {
-                return corrupt!("{name} {off:#x} is not aligned to the cluster size {cluster_size}");
+                return corrupt!(
+                    "{name} {off:#x} is not aligned to the cluster size {cluster_size}"
+                );
             }
         }
         if h.refcount_table_offset == 0 || h.refcount_table_clusters == 0 {
@@ -148,7 +150,9 @@ impl Header {
                     h.backing_file_size
                 );
             }
-            let end = h.backing_file_offset.saturating_add(u64::from(h.backing_file_size));
+            let end = h
+                .backing_file_offset
+                .saturating_add(u64::from(h.backing_file_size));
             if end > cluster_size || h.backing_file_offset < u64::from(h.header_length) {
                 return corrupt!(
                     "backing file name at {:#x} (+{}) lies outside cluster 0 past the header",

@@ -13,7 +13,9 @@ pub fn decode_table_entry(raw: u64, index: usize, cluster_size: u64) -> Result<u
         return corrupt!("refcount table entry {index} ({raw:#x}) has reserved bits set");
     }
     if raw % cluster_size != 0 {
-        return corrupt!("refcount table entry {index}: block offset {raw:#x} is not cluster aligned");
+        return corrupt!(
+            "refcount table entry {index}: block offset {raw:#x} is not cluster aligned"
+        );
     }
     Ok(raw)
 }
@@ -99,7 +101,11 @@ mod tests {
                 set(&mut block, order, i, (i as u64 * 7) % (max.min(1000) + 1));
             }
             for i in 0..n {
-                assert_eq!(get(&block, order, i), (i as u64 * 7) % (max.min(1000) + 1), "order {order} i {i}");
+                assert_eq!(
+                    get(&block, order, i),
+                    (i as u64 * 7) % (max.min(1000) + 1),
+                    "order {order} i {i}"
+                );
             }
         }
         // 1-bit refcounts: entry 0 is the least significant bit of byte 0.
@@ -121,7 +127,10 @@ mod tests {
     #[test]
     fn table_entries_are_validated() {
         assert_eq!(decode_table_entry(0x20000, 0, 65536).unwrap(), 0x20000);
-        assert!(decode_table_entry(0x20001, 3, 65536).unwrap_err().to_string().contains("entry 3"));
+        assert!(decode_table_entry(0x20001, 3, 65536)
+            .unwrap_err()
+            .to_string()
+            .contains("entry 3"));
         assert!(decode_table_entry(0x20200, 0, 65536).is_err());
     }
 }

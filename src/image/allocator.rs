@@ -5,10 +5,10 @@
 //! clusters is written: a crash can leak clusters but never leave a
 //! referenced cluster with a zero refcount.
 
+use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::refcount;
 use crate::storage::Storage;
-use crate::corrupt;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
@@ -44,7 +44,9 @@ impl Allocator {
         if bytes > MAX_TABLE_BYTES {
             return corrupt!("refcount table of {table_clusters} clusters exceeds the limit of {MAX_TABLE_BYTES} bytes");
         }
-        let file_len = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
         if table_offset.saturating_add(bytes) > file_len {
             return corrupt!("refcount table at {table_offset:#x} (+{bytes}) lies past the end of the file ({file_len})");
         }
@@ -53,8 +55,14 @@ impl Allocator {
             .read_at(&mut buf, table_offset)
             .map_err(|e| Error::io("reading the refcount table", e))?;
         let table = refcount::parse_table(&buf, cluster_size)?;
-        if let Some((i, &off)) = table.iter().enumerate().find(|(_, &o)| o != 0 && o + cluster_size > file_len) {
-            return corrupt!("refcount table entry {i}: block offset {off:#x} lies past the end of the file");
+        if let Some((i, &off)) = table
+            .iter()
+            .enumerate()
+            .find(|(_, &o)| o != 0 && o + cluster_size > file_len)
+        {
+            return corrupt!(
+                "refcount table entry {i}: block offset {off:#x} lies past the end of the file"
+            );
         }
         Ok(Allocator {
             cluster_bits,
@@ -168,7 +176,9 @@ impl Allocator {
             }
             extra = need;
         }
-        Err(Error::NoSpace("refcount structures could not be grown".into()))
+        Err(Error::NoSpace(
+            "refcount structures could not be grown".into(),
+        ))
     }
 
     /// Which blocks and table clusters an allocation of [start, start+len) needs.
@@ -303,4 +313,98 @@ struct Plan {
 
 fn flush(storage: &dyn Storage) -> Result<()> {
     storage.flush().map_err(|e| Error::io("flushing", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    /// A fresh image's refcount structures at clusters 1 (table) and 2 (block).
+    fn fresh(cluster_bits: u32, order: u32) -> (MemoryStorage, Allocator) {
+        let cs = 1usize << cluster_bits;
+        let mut img = vec![0u8; 3 * cs];
+        img[cs..cs + 8].copy_from_slice(&(2 * cs as u64).to_be_bytes());
+        for c in 0..3 {
+            refcount::set(&mut img[2 * cs..], order, c, 1);
+        }
+        let st = MemoryStorage::new(img);
+        let alloc = Allocator::load(&st, cluster_bits, order, cs as u64, 1).unwrap();
+        (st, alloc)
+    }
+
+    /// Reloads the allocator from what is on "disk" and returns every
+    /// cluster's refcount as stored.
+    fn on_disk_refcounts(
+        st: &MemoryStorage,
+        cluster_bits: u32,
+        order: u32,
+        clusters: u64,
+    ) -> Vec<u64> {
+        let bytes = st.contents();
+        let table_offset = u64::from_be_bytes(bytes[48..56].try_into().unwrap());
+        let table_clusters = u32::from_be_bytes(bytes[56..60].try_into().unwrap());
+        let mut a = Allocator::load(st, cluster_bits, order, table_offset, table_clusters).unwrap();
+        (0..clusters).map(|c| a.refcount(st, c).unwrap()).collect()
+    }
+
+    #[test]
+    fn allocations_grow_blocks_and_table_for_every_width() {
+        for order in 0..=6 {
+            let cluster_bits = 9;
+            let (st, mut a) = fresh(cluster_bits, order);
+            // The header fields the table switch rewrites.
+            let mut header = vec![0u8; 512];
+            header[48..56].copy_from_slice(&512u64.to_be_bytes());
+            header[56..60].copy_from_slice(&1u32.to_be_bytes());
+            st.write_at(&header[48..60], 48).unwrap();
+            let mut got = Vec::new();
+            // 512-byte clusters with 64-bit refcounts: a block covers 64
+            // clusters and the first table 64 blocks, so this must grow both.
+            for i in 0..1500u64 {
+                let n = 1 + i % 7;
+                got.push((a.allocate(&st, n).unwrap() >> cluster_bits, n));
+            }
+            let end = got.iter().map(|&(f, n)| f + n).max().unwrap();
+            let rc = on_disk_refcounts(&st, cluster_bits, order, end);
+            for &(first, n) in &got {
+                for c in first..first + n {
+                    assert_eq!(rc[c as usize], 1, "order {order}: cluster {c}");
+                }
+            }
+            let mut all: Vec<u64> = got.iter().flat_map(|&(f, n)| f..f + n).collect();
+            all.sort_unstable();
+            let before = all.len();
+            all.dedup();
+            assert_eq!(before, all.len(), "order {order}: overlapping allocations");
+            if order == 6 {
+                assert!(a.table_clusters() > 1, "the refcount table grew");
+                assert_ne!(a.table_offset(), 512, "the refcount table moved");
+            }
+            // Free everything we allocated: only metadata keeps a refcount.
+            for &(first, n) in &got {
+                a.free(&st, first << cluster_bits, n).unwrap();
+            }
+            let rc = on_disk_refcounts(&st, cluster_bits, order, end);
+            for &(first, n) in &got {
+                for c in first..first + n {
+                    assert_eq!(rc[c as usize], 0, "order {order}: cluster {c} freed");
+                }
+            }
+            assert!(
+                a.free(&st, got[0].0 << cluster_bits, 1).is_err(),
+                "double free is refused"
+            );
+        }
+    }
+
+    #[test]
+    fn freed_clusters_are_reused_first_fit() {
+        let (st, mut a) = fresh(16, 4);
+        let x = a.allocate(&st, 2).unwrap();
+        let y = a.allocate(&st, 1).unwrap();
+        assert_eq!(y, x + 2 * 65536);
+        a.free(&st, x, 2).unwrap();
+        assert_eq!(a.allocate(&st, 1).unwrap(), x);
+    }
 }

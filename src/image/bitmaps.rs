@@ -6,12 +6,12 @@
 
 use super::{Image, State};
 use crate::bitmap::DirtyBitmap;
+use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::{self, DirEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::format::bitmap_table::{self, TableEntry};
 use crate::format::extension::{self, BitmapsExtension, Extension};
 use crate::format::header;
-use crate::corrupt;
 use std::sync::Arc;
 
 /// Reads and writes of bitmap data go in pieces of at most this many bytes.
@@ -64,7 +64,9 @@ impl Slot {
     }
 
     fn needs_data_store(&self) -> bool {
-        self.data.as_ref().is_some_and(|d| self.table.is_none() || d.is_modified())
+        self.data
+            .as_ref()
+            .is_some_and(|d| self.table.is_none() || d.is_modified())
     }
 }
 
@@ -78,7 +80,9 @@ impl State {
     }
 
     fn file_len(&self) -> Result<u64> {
-        self.storage.len().map_err(|e| Error::io("reading the file size", e))
+        self.storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))
     }
 
     fn read(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
@@ -96,7 +100,10 @@ impl State {
     /// Parses the directory named by the bitmaps extension and loads every
     /// bitmap that is consistent and understood.
     pub(super) fn load_bitmaps(&mut self, writable: bool) -> Result<()> {
-        let ext = self.extensions.iter().find(|e| e.magic == extension::BITMAPS);
+        let ext = self
+            .extensions
+            .iter()
+            .find(|e| e.magic == extension::BITMAPS);
         let consistent = self.header.version == 3
             && self.header.autoclear_features & header::AUTOCLEAR_BITMAPS != 0;
         let ext = match (ext, consistent) {
@@ -104,7 +111,9 @@ impl State {
             // Stale: an older program opened the image read-write. Ignore it.
             (Some(_), false) => return Ok(()),
             (None, true) if writable => {
-                return corrupt!("autoclear bit 0 (bitmaps) is set but there is no bitmaps extension")
+                return corrupt!(
+                    "autoclear bit 0 (bitmaps) is set but there is no bitmaps extension"
+                )
             }
             (None, _) => return Ok(()),
         };
@@ -118,7 +127,8 @@ impl State {
         }
         let mut dir = vec![0u8; ext.directory_size as usize];
         self.read(&mut dir, ext.directory_offset, "the bitmap directory")?;
-        let entries = bitmap_dir::parse(&dir, ext.nb_bitmaps, self.header.size, self.cluster_size())?;
+        let entries =
+            bitmap_dir::parse(&dir, ext.nb_bitmaps, self.header.size, self.cluster_size())?;
         self.directory = Some((ext.directory_offset, ext.directory_size));
         for entry in entries {
             let loadable = !entry.in_use() && !entry.has_incompatible_extra_data();
@@ -206,8 +216,9 @@ impl State {
         if !(self.dir_changed || flags_change || data_change || !self.pending_free.is_empty()) {
             return Ok(());
         }
-        // Fail before writing anything if the extension cannot fit.
-        let (exts, autoclear) = self.bitmaps_extensions(Some((0, 0, 1)));
+        // Fail before writing anything if cluster 0 cannot hold the result.
+        let dir = (!self.slots.is_empty()).then_some((0, 0, 1));
+        let (exts, autoclear) = self.bitmaps_extensions(dir);
         self.encode_cluster0(&exts, autoclear)?;
 
         // Marks racing with the store set `modified` again and are stored next time.
@@ -242,7 +253,11 @@ impl State {
         // 2. The directory, into fresh clusters.
         for (e, s) in entries.iter_mut().zip(&self.slots) {
             if s.usable() {
-                e.flags = if want_in_use { e.flags | FLAG_IN_USE } else { e.flags & !FLAG_IN_USE };
+                e.flags = if want_in_use {
+                    e.flags | FLAG_IN_USE
+                } else {
+                    e.flags & !FLAG_IN_USE
+                };
             }
         }
         let cs = self.cluster_size();
@@ -275,7 +290,8 @@ impl State {
         for (i, table) in new_tables {
             let slot = &mut self.slots[i];
             if let Some(old) = slot.table.replace(table) {
-                self.pending_free.extend(table_clusters(slot.entry.table_offset, &old, cs));
+                self.pending_free
+                    .extend(table_clusters(slot.entry.table_offset, &old, cs));
             }
         }
         for (slot, entry) in self.slots.iter_mut().zip(entries) {
@@ -290,7 +306,10 @@ impl State {
     fn free_pending(&mut self) -> Result<()> {
         let pieces = std::mem::take(&mut self.pending_free);
         let storage = self.storage.as_ref();
-        self.alloc.as_mut().expect("writable").free_all(storage, &pieces)
+        self.alloc
+            .as_mut()
+            .expect("writable")
+            .free_all(storage, &pieces)
     }
 
     /// The extension list and autoclear bits with the bitmaps extension set
@@ -341,10 +360,17 @@ impl State {
                 TableEntry::Zeros
             } else {
                 data.read_serialized(start, &mut cluster[..len as usize]);
-                classify(&cluster[..len as usize], start + len == total, data.bit_count())
+                classify(
+                    &cluster[..len as usize],
+                    start + len == total,
+                    data.bit_count(),
+                )
             });
         }
-        let data_clusters = kinds.iter().filter(|k| matches!(k, TableEntry::Data(_))).count() as u64;
+        let data_clusters = kinds
+            .iter()
+            .filter(|k| matches!(k, TableEntry::Data(_)))
+            .count() as u64;
         let table_clusters = (n * 8).div_ceil(cs).max(1);
         let base = self.allocate(data_clusters + table_clusters)?;
 
@@ -480,23 +506,23 @@ impl Image {
         Ok(st.slots[i].info())
     }
 
-    /// The granularity QEMU picks when none is given: the cluster size,
-    /// kept within 4 KiB ..= 64 KiB.
-    pub fn default_granularity(&self) -> u64 {
-        let cs = self.state.lock().map_or(65536, |s| s.cluster_size());
-        cs.clamp(4096, 65536)
-    }
-
     /// Adds an empty bitmap. `granularity` None picks QEMU's default.
     pub fn add_bitmap(&self, name: &str, granularity: Option<u64>, enabled: bool) -> Result<()> {
         let mut st = self.writable_state()?;
         let granularity = granularity.unwrap_or_else(|| st.cluster_size().clamp(4096, 65536));
-        self.add_locked(&mut st, name, granularity, enabled).map_err(|e| self.ctx(e))?;
+        self.add_locked(&mut st, name, granularity, enabled)
+            .map_err(|e| self.ctx(e))?;
         self.publish_enabled(&st);
         Ok(())
     }
 
-    fn add_locked(&self, st: &mut State, name: &str, granularity: u64, enabled: bool) -> Result<()> {
+    fn add_locked(
+        &self,
+        st: &mut State,
+        name: &str,
+        granularity: u64,
+        enabled: bool,
+    ) -> Result<()> {
         if st.header.version < 3 {
             return Err(Error::NotSupported(format!(
                 "cannot store dirty bitmap '{name}' in a qcow2 v2 image (version 3 needed)"
@@ -525,7 +551,11 @@ impl Image {
             name: name.to_string(),
             extra_data: Vec::new(),
         };
-        let dir_size: u64 = st.slots.iter().map(|s| s.entry.encoded_len() as u64).sum::<u64>()
+        let dir_size: u64 = st
+            .slots
+            .iter()
+            .map(|s| s.entry.encoded_len() as u64)
+            .sum::<u64>()
             + entry.encoded_len() as u64;
         if dir_size > extension::MAX_DIRECTORY_SIZE {
             return Err(Error::NoSpace(format!(
@@ -555,7 +585,9 @@ impl Image {
         let cs = st.cluster_size();
         let pieces = match &slot.table {
             Some(t) => table_clusters(slot.entry.table_offset, t, cs),
-            None if slot.entry.table_offset != 0 && !slot.usable() => st.unloaded_clusters(&slot.entry),
+            None if slot.entry.table_offset != 0 && !slot.usable() => {
+                st.unloaded_clusters(&slot.entry)
+            }
             None => Vec::new(),
         };
         st.pending_free.extend(pieces);
@@ -602,7 +634,12 @@ impl Image {
             return Err(self.ctx(Error::Exists(format!("bitmap '{new}' already exists"))));
         }
         let grow = new.len() as u64 - old.len().min(new.len()) as u64;
-        let dir_size: u64 = st.slots.iter().map(|s| s.entry.encoded_len() as u64).sum::<u64>() + grow;
+        let dir_size: u64 = st
+            .slots
+            .iter()
+            .map(|s| s.entry.encoded_len() as u64)
+            .sum::<u64>()
+            + grow;
         if dir_size > extension::MAX_DIRECTORY_SIZE {
             return Err(self.ctx(Error::NoSpace(format!(
                 "renaming '{old}' would make the directory {dir_size} bytes, more than {}",

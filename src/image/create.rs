@@ -84,7 +84,11 @@ impl Image {
     }
 
     /// Formats `storage` (which must be empty) and opens it read-write.
-    pub fn create_storage(storage: Box<dyn Storage>, name: &str, options: &CreateOptions) -> Result<Image> {
+    pub fn create_storage(
+        storage: Box<dyn Storage>,
+        name: &str,
+        options: &CreateOptions,
+    ) -> Result<Image> {
         format(storage.as_ref(), options).map_err(|e| e.context(name))?;
         Image::open_storage(storage, name, OpenOptions { writable: true })
     }
@@ -129,7 +133,9 @@ fn format(storage: &dyn Storage, options: &CreateOptions) -> Result<()> {
     let mut image = cluster0;
     image.extend(table);
     image.extend(block);
-    storage.write_at(&image, 0).map_err(io("writing the new image"))?;
+    storage
+        .write_at(&image, 0)
+        .map_err(io("writing the new image"))?;
 
     if l1_size > 0 {
         let mut alloc = Allocator::load(storage, cluster_bits, refcount_order, cs, 1)?;
@@ -143,7 +149,9 @@ fn format(storage: &dyn Storage, options: &CreateOptions) -> Result<()> {
         header.l1_table_offset = l1;
         header.refcount_table_offset = alloc.table_offset();
         header.refcount_table_clusters = alloc.table_clusters();
-        storage.write_at(&header.encode(), 0).map_err(io("writing the header"))?;
+        storage
+            .write_at(&header.encode(), 0)
+            .map_err(io("writing the header"))?;
     }
     storage.flush().map_err(io("flushing the new image"))
 }

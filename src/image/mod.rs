@@ -10,11 +10,11 @@ mod enabled;
 pub use bitmaps::{BitmapInfo, Extents};
 pub use create::CreateOptions;
 
+use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::extension::{self, Extension};
 use crate::format::header::{self, Header};
 use crate::storage::{FileStorage, Storage};
-use crate::corrupt;
 use allocator::Allocator;
 use bitmaps::Slot;
 use enabled::EnabledSet;
@@ -67,9 +67,6 @@ pub(crate) struct State {
     closed: bool,
 }
 
-/// Cluster 0 is never bigger than the largest cluster size.
-const MAX_CLUSTER0: u64 = 1 << header::MAX_CLUSTER_BITS;
-
 impl Image {
     /// Opens the qcow2 image at `path`.
     pub fn open(path: impl AsRef<Path>, options: OpenOptions) -> Result<Image> {
@@ -93,7 +90,11 @@ impl Image {
     }
 
     /// Opens an image held by any storage; `name` is used in messages.
-    pub fn open_storage(storage: Box<dyn Storage>, name: &str, options: OpenOptions) -> Result<Image> {
+    pub fn open_storage(
+        storage: Box<dyn Storage>,
+        name: &str,
+        options: OpenOptions,
+    ) -> Result<Image> {
         let state = State::load(storage, options.writable).map_err(|e| e.context(name))?;
         let image = Image {
             name: name.to_string(),
@@ -187,12 +188,18 @@ impl Image {
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
         let st = self.state.lock().map_err(|_| {
             Error::io(
-                format!("{}: image handle unusable after an internal error", self.name),
+                format!(
+                    "{}: image handle unusable after an internal error",
+                    self.name
+                ),
                 std::io::Error::from_raw_os_error(libc::EIO),
             )
         })?;
         if st.closed {
-            return Err(Error::InvalidArgument(format!("{}: image is closed", self.name)));
+            return Err(Error::InvalidArgument(format!(
+                "{}: image is closed",
+                self.name
+            )));
         }
         Ok(st)
     }
@@ -219,11 +226,27 @@ impl State {
     /// Reads and validates cluster 0, the refcount table (writable only) and
     /// the bitmap directory, and loads every usable bitmap.
     fn load(storage: Box<dyn Storage>, writable: bool) -> Result<State> {
-        let len = storage.len().map_err(|e| Error::io("reading the file size", e))?;
-        let mut c0 = vec![0u8; len.min(MAX_CLUSTER0) as usize];
+        let len = storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
+        // Read a little, learn the cluster size, then read all of cluster 0.
+        let mut c0 = vec![0u8; len.min(4096) as usize];
         storage
             .read_at(&mut c0, 0)
             .map_err(|e| Error::io("reading the header", e))?;
+        if let Some(bits) = c0
+            .get(20..24)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        {
+            let want =
+                len.min(1u64 << bits.clamp(header::MIN_CLUSTER_BITS, header::MAX_CLUSTER_BITS));
+            if want > c0.len() as u64 {
+                c0.resize(want as usize, 0);
+                storage
+                    .read_at(&mut c0, 0)
+                    .map_err(|e| Error::io("reading cluster 0", e))?;
+            }
+        }
         let header = Header::parse(&c0)?;
         c0.truncate(header.cluster_size() as usize);
         let extensions = extension::parse_all(&c0, header.extensions_start())?;
@@ -299,7 +322,11 @@ impl State {
     }
 
     fn close(&mut self) -> Result<()> {
-        let stored = if self.alloc.is_some() { self.persist(true) } else { Ok(()) };
+        let stored = if self.alloc.is_some() {
+            self.persist(true)
+        } else {
+            Ok(())
+        };
         self.closed = true;
         stored
     }
@@ -314,7 +341,11 @@ impl State {
 
     /// The bytes of cluster 0 from the header, the extensions and the backing
     /// file name; fails without side effects when they do not fit.
-    fn encode_cluster0(&self, extensions: &[Extension], autoclear: u64) -> Result<(Header, Vec<u8>)> {
+    fn encode_cluster0(
+        &self,
+        extensions: &[Extension],
+        autoclear: u64,
+    ) -> Result<(Header, Vec<u8>)> {
         let mut header = self.header.clone();
         header.autoclear_features = autoclear;
         if let Some(a) = &self.alloc {
@@ -330,7 +361,11 @@ impl State {
             let old = header.backing_file_offset as usize;
             header.backing_file_offset = if old >= ext_end { old } else { ext_end } as u64;
         }
-        let end = if name_len > 0 { header.backing_file_offset as usize + name_len } else { ext_end };
+        let end = if name_len > 0 {
+            header.backing_file_offset as usize + name_len
+        } else {
+            ext_end
+        };
         if end > cs {
             return Err(Error::NoSpace(format!(
                 "header, extensions and backing file name need {end} bytes, more than cluster 0 holds ({cs})"
@@ -348,7 +383,8 @@ impl State {
     /// Rewrites cluster 0 with the current extensions and flushes.
     /// Needs: everything the header names is durable.
     fn write_cluster0(&mut self) -> Result<()> {
-        let (header, bytes) = self.encode_cluster0(&self.extensions, self.header.autoclear_features)?;
+        let (header, bytes) =
+            self.encode_cluster0(&self.extensions, self.header.autoclear_features)?;
         self.storage
             .write_at(&bytes, 0)
             .map_err(|e| Error::io("writing the header", e))?;
@@ -369,7 +405,10 @@ impl State {
 
 /// " (name)" for each unknown incompatible bit the feature-name table names.
 fn feature_names(extensions: &[Extension], bits: u64) -> String {
-    let Some(table) = extensions.iter().find(|e| e.magic == extension::FEATURE_NAME_TABLE) else {
+    let Some(table) = extensions
+        .iter()
+        .find(|e| e.magic == extension::FEATURE_NAME_TABLE)
+    else {
         return String::new();
     };
     let names: Vec<String> = table
