@@ -174,7 +174,7 @@ impl DirtyBitmap {
         let mut changed = false;
         for c in self.flagged_chunks(first / CHUNK_BITS, (end - 1) / CHUNK_BITS) {
             let chunk_end = (c.saturating_add(1) * CHUNK_BITS).min(self.bit_count);
-            if first <= c * CHUNK_BITS && end >= chunk_end {
+            if first <= c * CHUNK_BITS + 1 && end >= chunk_end {
                 // Whole chunk: also drop its summary bit so it stops costing walks.
                 changed |= self.clear_chunk(c);
                 continue;
@@ -539,7 +539,7 @@ impl DirtyBitmap {
             for w in chunk.start.max(from_word)..chunk.end {
                 let mut v = words[w as usize].load(Relaxed);
                 if w == from_word {
-                    v &= u64::MAX;
+                    v &= u64::MAX << (from % WORD_BITS);
                 }
                 if v != 0 {
                     return Some(w * WORD_BITS + u64::from(v.trailing_zeros()));

@@ -1,0 +1,394 @@
+//! `qbm`: every bitmap operation of libqbm at a shell. Thin: parse the
+//! arguments, call the Rust API, print. Argument orders follow qemu-img's.
+
+use clap::{Args, Parser, Subcommand};
+use qbm::image::{BitmapInfo, CreateOptions, Image, ImageInfo, OpenOptions};
+use qbm::Error;
+use serde_json::json;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "qbm",
+    version,
+    about = "QEMU-compatible persistent dirty bitmaps for qcow2 images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new qcow2 v3 image (the file must not exist).
+    Create {
+        /// Cluster size (512 to 2M).
+        #[arg(long, value_parser = parse_size, default_value = "64k")]
+        cluster_size: u64,
+        /// Refcount width in bits (1, 2, 4, 8, 16, 32, 64).
+        #[arg(long, default_value_t = 16)]
+        refcount_bits: u32,
+        image: String,
+        /// Virtual size, with an optional k/M/G/T suffix.
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Show the image and every bitmap.
+    Info {
+        #[arg(long)]
+        json: bool,
+        image: String,
+    },
+    /// Add an empty bitmap.
+    Add {
+        /// Granularity (512 to 2G, a power of two; default: QEMU's).
+        #[arg(short = 'g', long, value_parser = parse_size)]
+        granularity: Option<u64>,
+        /// Create it disabled (not marked by writes).
+        #[arg(long)]
+        disable: bool,
+        image: String,
+        name: String,
+    },
+    /// Remove a bitmap (also an inconsistent one).
+    Remove(ImageBitmap),
+    /// Clear every bit of a bitmap.
+    Clear(ImageBitmap),
+    /// Enable a bitmap: writes mark it.
+    Enable(ImageBitmap),
+    /// Disable (freeze) a bitmap.
+    Disable(ImageBitmap),
+    /// Rename a bitmap.
+    Rename {
+        image: String,
+        old: String,
+        new: String,
+    },
+    /// Merge SOURCE_NAME (of SOURCE_IMG, default IMG) into NAME of IMG.
+    Merge {
+        /// The image holding the source bitmap.
+        #[arg(short = 'b', value_name = "SOURCE_IMG")]
+        source_image: Option<String>,
+        source_name: String,
+        image: String,
+        name: String,
+    },
+    /// Mark OFFSET..OFFSET+LENGTH dirty in one bitmap.
+    Set(ImageBitmapRange),
+    /// Clear OFFSET..OFFSET+LENGTH (granularity aligned) in one bitmap.
+    Reset(ImageBitmapRange),
+    /// Print the dirty extents of a bitmap, one "start length" per line.
+    Extents {
+        #[arg(long)]
+        json: bool,
+        /// Only extents at or after this offset.
+        #[arg(long, value_parser = parse_size)]
+        offset: Option<u64>,
+        /// Only this many bytes from --offset.
+        #[arg(long, value_parser = parse_size, requires = "offset")]
+        length: Option<u64>,
+        image: String,
+        name: String,
+    },
+    /// Check the image's metadata as libqbm validates it at open.
+    Check {
+        #[arg(long)]
+        json: bool,
+        image: String,
+    },
+}
+
+#[derive(Args)]
+struct ImageBitmap {
+    image: String,
+    name: String,
+}
+
+#[derive(Args)]
+struct ImageBitmapRange {
+    image: String,
+    name: String,
+    #[arg(value_parser = parse_size)]
+    offset: u64,
+    #[arg(value_parser = parse_size)]
+    length: u64,
+}
+
+/// "512", "64k", "1.5G"... as qemu-img reads sizes (binary multiples).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_lowercase() {
+                'b' => 0,
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                'p' => 50,
+                'e' => 60,
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix '{c}' in '{s}' (use k, M, G, T)"
+                    ))
+                }
+            };
+            (&s[..i], 1u64 << shift)
+        }
+        _ => (s, 1),
+    };
+    let bad = || format!("'{s}' is not a size (a number with an optional k, M, G or T suffix)");
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("size '{s}' is too large"));
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    let bytes = f * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+fn open(path: &str, writable: bool) -> Result<Image, Error> {
+    Image::open(path, OpenOptions { writable })
+}
+
+/// Opens read-write, runs `f`, and closes (which persists); the first error wins.
+fn modify(path: &str, f: impl FnOnce(&Image) -> Result<(), Error>) -> Result<(), Error> {
+    let img = open(path, true)?;
+    let result = f(&img);
+    let closed = img.close();
+    result.and(closed)
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.3} {}", UNITS[u]).replace(".000 ", " ")
+    }
+}
+
+fn bitmap_json(b: &BitmapInfo) -> serde_json::Value {
+    json!({
+        "name": b.name,
+        "granularity": b.granularity,
+        "enabled": b.enabled,
+        "in-use": b.in_use,
+        "usable": b.usable,
+        "dirty-bytes": b.dirty_bytes,
+        "extra-data-size": b.extra_data.len(),
+    })
+}
+
+fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: bool) {
+    if as_json {
+        let v = json!({
+            "filename": path,
+            "virtual-size": info.virtual_size,
+            "cluster-size": info.cluster_size,
+            "refcount-bits": info.refcount_bits,
+            "version": info.version,
+            "backing-filename": info.backing_file,
+            "bitmaps": bitmaps.iter().map(bitmap_json).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON values serialise")
+        );
+        return;
+    }
+    println!("image: {path}");
+    println!(
+        "virtual size: {} ({} bytes)",
+        human_size(info.virtual_size),
+        info.virtual_size
+    );
+    println!("cluster size: {}", info.cluster_size);
+    println!("refcount bits: {}", info.refcount_bits);
+    println!("qcow2 version: {}", info.version);
+    if let Some(b) = &info.backing_file {
+        println!("backing file: {b}");
+    }
+    if bitmaps.is_empty() {
+        println!("bitmaps: none");
+        return;
+    }
+    println!("bitmaps:");
+    let width = bitmaps
+        .iter()
+        .map(|b| b.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "  {:width$}  {:>11}  {:<16}  {:>14}",
+        "NAME", "GRANULARITY", "FLAGS", "DIRTY BYTES"
+    );
+    for b in bitmaps {
+        let mut flags = vec![if b.enabled { "enabled" } else { "disabled" }];
+        if b.in_use {
+            flags.push("in-use");
+        } else if !b.usable {
+            flags.push("unsupported");
+        }
+        println!(
+            "  {:width$}  {:>11}  {:<16}  {:>14}",
+            b.name,
+            b.granularity,
+            flags.join(","),
+            b.dirty_bytes
+        );
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Create {
+            cluster_size,
+            refcount_bits,
+            image,
+            size,
+        } => Image::create(
+            &image,
+            &CreateOptions {
+                size,
+                cluster_size,
+                refcount_bits,
+            },
+        )?
+        .close(),
+        Command::Info { json, image } => {
+            let img = open(&image, false)?;
+            print_info(&image, &img.info()?, &img.bitmaps()?, json);
+            Ok(())
+        }
+        Command::Add {
+            granularity,
+            disable,
+            image,
+            name,
+        } => modify(&image, |img| img.add_bitmap(&name, granularity, !disable)),
+        Command::Remove(a) => modify(&a.image, |img| img.remove_bitmap(&a.name)),
+        Command::Clear(a) => modify(&a.image, |img| img.clear_bitmap(&a.name)),
+        Command::Enable(a) => modify(&a.image, |img| img.enable_bitmap(&a.name)),
+        Command::Disable(a) => modify(&a.image, |img| img.disable_bitmap(&a.name)),
+        Command::Rename { image, old, new } => modify(&image, |img| img.rename_bitmap(&old, &new)),
+        Command::Merge {
+            source_image,
+            source_name,
+            image,
+            name,
+        } => match source_image.filter(|s| *s != image) {
+            Some(src_path) => {
+                let src = open(&src_path, false)?;
+                modify(&image, |img| img.merge_bitmap(&name, &src, &source_name))
+            }
+            None => modify(&image, |img| img.merge_bitmap(&name, img, &source_name)),
+        },
+        Command::Set(r) => modify(&r.image, |img| img.set_range(&r.name, r.offset, r.length)),
+        Command::Reset(r) => modify(&r.image, |img| img.reset_range(&r.name, r.offset, r.length)),
+        Command::Extents {
+            json,
+            offset,
+            length,
+            image,
+            name,
+        } => {
+            let img = open(&image, false)?;
+            let from = offset.unwrap_or(0);
+            let to = length.map_or(u64::MAX, |l| from.saturating_add(l));
+            let mut out = Vec::new();
+            let mut at = from;
+            while let Some((start, len)) = img.next_extent(&name, at)? {
+                if start >= to {
+                    break;
+                }
+                let end = (start + len).min(to);
+                out.push((start, end - start));
+                at = start + len;
+            }
+            if json {
+                let v: Vec<_> = out
+                    .iter()
+                    .map(|&(s, l)| json!({"start": s, "length": l}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for (s, l) in out {
+                    println!("{s} {l}");
+                }
+            }
+            Ok(())
+        }
+        Command::Check { json, image } => {
+            let result = open(&image, false).and_then(|img| img.bitmaps().map(|b| b.len()));
+            let (ok, message) = match &result {
+                Ok(n) => (true, format!("No errors were found ({n} bitmaps loaded)")),
+                Err(e) => (false, e.to_string()),
+            };
+            if json {
+                let v =
+                    json!({"filename": image, "check-errors": u32::from(!ok), "message": message});
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("JSON values serialise")
+                );
+            } else {
+                println!("{message}");
+            }
+            result.map(|_| ())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version succeed; usage errors fail like any other error.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qbm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_follow_qemu_img() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("16T"), Ok(16 << 40));
+        assert!(parse_size("12x").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("20000000E").is_err());
+    }
+}
