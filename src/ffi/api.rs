@@ -3,7 +3,8 @@
 //! API lacks.
 
 use super::guard::{
-    handle, last_error, out, read_sized, run, string, write_sized, VersionedStruct,
+    handle, last_error, out, read_sized, run, store_handle, string, take_handle, write_sized,
+    VersionedStruct,
 };
 use super::types::*;
 use crate::error::Error;
@@ -38,16 +39,6 @@ pub extern "C" fn qbm_last_error() -> *const c_char {
     last_error()
 }
 
-fn into_handle(image: Image, out_img: *mut *mut qbm_image) -> c_int {
-    let boxed = Box::new(qbm_image {
-        magic: HANDLE_MAGIC,
-        image,
-    });
-    // SAFETY: out_img was checked non-NULL by the caller of this helper.
-    unsafe { *out_img = Box::into_raw(boxed) };
-    0
-}
-
 fn check_out_handle(out_img: *mut *mut qbm_image) -> Result<(), Error> {
     if out_img.is_null() {
         return Err(Error::InvalidArgument(
@@ -77,7 +68,7 @@ pub extern "C" fn qbm_open(path: *const c_char, flags: u32, img: *mut *mut qbm_i
                 writable: flags & QBM_OPEN_RDWR != 0,
             },
         )?;
-        Ok(into_handle(image, img))
+        store_handle(img, image)
     })
 }
 
@@ -114,7 +105,7 @@ pub extern "C" fn qbm_create(
             },
         };
         let image = Image::create(path, &opts)?;
-        Ok(into_handle(image, img))
+        store_handle(img, image)
     })
 }
 
@@ -132,12 +123,7 @@ pub extern "C" fn qbm_close(img: *mut qbm_image) -> c_int {
         if img.is_null() {
             return Ok(0);
         }
-        handle(img)?;
-        // SAFETY: the handle is live (checked above) and came from Box::into_raw;
-        // the caller gives up ownership by calling close.
-        let mut boxed = unsafe { Box::from_raw(img) };
-        boxed.magic = 0;
-        let qbm_image { image, .. } = *boxed;
+        let image = take_handle(img)?;
         image.close().map(|_| 0)
     })
 }

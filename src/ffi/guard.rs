@@ -65,6 +65,31 @@ pub(crate) fn handle<'a>(p: *const qbm_image) -> Result<&'a qbm_image> {
     Ok(h)
 }
 
+/// Gives a new image to the caller through `out_img` (checked non-NULL).
+pub(crate) fn store_handle(
+    out_img: *mut *mut qbm_image,
+    image: crate::image::Image,
+) -> Result<c_int> {
+    let raw = Box::into_raw(Box::new(qbm_image {
+        magic: HANDLE_MAGIC,
+        image,
+    }));
+    // SAFETY: the caller checked `out_img` is non-NULL; it points to a
+    // writable `struct qbm_image *` (C API convention).
+    unsafe { *out_img = raw };
+    Ok(0)
+}
+
+/// Takes back ownership of a live handle for `qbm_close`.
+pub(crate) fn take_handle(p: *mut qbm_image) -> Result<crate::image::Image> {
+    handle(p)?;
+    // SAFETY: the handle is live (checked above) and came from Box::into_raw
+    // in `store_handle`; by calling close the caller gives up ownership.
+    let mut boxed = unsafe { Box::from_raw(p) };
+    boxed.magic = 0;
+    Ok(boxed.image)
+}
+
 /// A NUL-terminated UTF-8 string argument.
 pub(crate) fn string<'a>(p: *const c_char, what: &str) -> Result<&'a str> {
     if p.is_null() {

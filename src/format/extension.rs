@@ -35,15 +35,14 @@ pub fn parse_all(cluster0: &[u8], start: usize) -> Result<Vec<Extension>> {
             return Ok(out);
         }
         let data_start = at + 8;
-        let end = data_start
-            .checked_add(len)
-            .filter(|&e| e <= cluster0.len())
-            .ok_or(())
-            .or_else(|_| {
-                corrupt!(
+        let end = match data_start.checked_add(len) {
+            Some(end) if end <= cluster0.len() => end,
+            _ => {
+                return corrupt!(
                     "header extension {magic:#010x} at {at:#x} of length {len} runs past cluster 0"
                 )
-            })?;
+            }
+        };
         let known = [
             BACKING_FORMAT,
             FEATURE_NAME_TABLE,

@@ -106,7 +106,11 @@ impl Image {
         {
             let mut st = image.lock()?;
             if options.writable {
-                st.open_for_writing().map_err(|e| e.context(name))?;
+                if let Err(e) = st.open_for_writing() {
+                    // Nothing more may be written for a refused open.
+                    st.closed = true;
+                    return Err(e.context(name));
+                }
             }
             image.publish_enabled(&st);
         }
