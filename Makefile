@@ -21,9 +21,13 @@ CTEST_LINK := -I include -L $(LIBDIR_OUT) -Wl,-rpath,$(abspath $(LIBDIR_OUT)) -l
 
 C_TESTS    := $(patsubst c-tests/%.c,$(OUT)/c-tests/%,$(filter-out c-tests/demo.c,$(wildcard c-tests/*.c)))
 
-.PHONY: all lib check check-rust check-header check-c check-python check-readme demo bench install clean
 
-all: lib
+.PHONY: all lib bin check-install check check-rust check-header check-c check-python check-readme demo bench install clean
+
+all: lib bin
+
+bin:
+	$(CARGO) build --release --bin qbm
 
 # cargo builds both libraries; the versioned names and links match what
 # cargo-c and distributions install: libqbm.so -> libqbm.so.0 -> libqbm.so.X.Y.Z
@@ -35,7 +39,7 @@ lib:
 	ln -sf $(SONAME) $(LIBDIR_OUT)/libqbm.so
 	cp $(RELEASE)/libqbm.a $(LIBDIR_OUT)/libqbm.a
 
-check: check-rust check-header check-c check-python check-readme
+check: check-rust check-header check-c check-python check-readme check-install
 	@echo "make check: all passed"
 
 check-rust:
@@ -78,7 +82,10 @@ demo: lib
 	  echo "== qemu-img check"; qemu-img check $(OUT)/demo/demo.qcow2; \
 	else echo "(qemu-img not installed: skipping QEMU's view)"; fi
 
-install: lib
+install: lib bin
+
+bin:
+	$(CARGO) build --release --bin qbm
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig
 	install -m 0755 $(LIBDIR_OUT)/libqbm.so.$(VERSION) $(DESTDIR)$(LIBDIR)/
 	ln -sf libqbm.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
@@ -89,6 +96,10 @@ install: lib
 	  'Name: qbm' 'Description: QEMU-compatible persistent dirty bitmaps for qcow2 images' \
 	  'Version: $(VERSION)' 'Libs: -L$${libdir} -lqbm' 'Libs.private: -lpthread -ldl -lm' \
 	  'Cflags: -I$${includedir}' > $(DESTDIR)$(LIBDIR)/pkgconfig/qbm.pc
+
+# make install into temporary prefixes, then build C and Python against it.
+check-install: lib bin
+	bash tests/install.sh
 
 clean:
 	$(CARGO) clean

@@ -30,6 +30,12 @@
 #define QBM_OPEN_RDWR (1 << 0)
 
 /**
+ * `qbm_open` flag: read without taking QEMU's image locks, like `qemu-img -U`
+ * (read-only opens only; the image may change underneath).
+ */
+#define QBM_OPEN_FORCE_SHARE (1 << 1)
+
+/**
  * `qbm_bitmap_add` flag: the new bitmap starts disabled (not marked by writes).
  */
 #define QBM_BITMAP_DISABLED (1 << 0)
@@ -175,7 +181,10 @@ const char *qbm_last_error(void);
 
 /**
  * Opens the qcow2 image at `path`. `flags`: `QBM_OPEN_RDWR` for read-write
- * (bitmaps are then marked in_use on disk until close), 0 for read-only.
+ * (bitmaps are then marked in_use on disk until close), 0 for read-only;
+ * `QBM_OPEN_FORCE_SHARE` reads without QEMU's locks (read-only only).
+ * Takes the same image locks as QEMU: -EBUSY while another process (a VM,
+ * qemu-img) holds the image in a conflicting way.
  * On success stores the handle in `*img`.
  */
 int qbm_open(const char *path, uint32_t flags, struct qbm_image **img);

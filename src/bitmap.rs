@@ -149,15 +149,21 @@ impl DirtyBitmap {
     /// Sets bits `[first, first + count)` (clamped); true if any bit went 0 -> 1.
     ///
     /// Lock-free, allocation-free and syscall-free: this is the per-write hot path.
+    #[inline]
     pub fn set_bits(&self, first: u64, count: u64) -> bool {
-        let end = first.saturating_add(count).min(self.bit_count);
-        if first >= end {
-            return false;
-        }
-        let mut changed = false;
-        for w in first / WORD_BITS..(end - 1) / WORD_BITS + 1 {
-            changed |= self.or_word(w, word_mask(w, first, end));
-        }
+        let changed = if count == 1 {
+            // Common case (a write within one granule): skip the range math.
+            first < self.bit_count && self.or_word(first / WORD_BITS, 1 << (first % WORD_BITS))
+        } else {
+            let end = first.saturating_add(count).min(self.bit_count);
+            let mut changed = false;
+            if first < end {
+                for w in first / WORD_BITS..=(end - 1) / WORD_BITS {
+                    changed |= self.or_word(w, word_mask(w, first, end));
+                }
+            }
+            changed
+        };
         if changed {
             self.note_modified();
         }
@@ -174,7 +180,7 @@ impl DirtyBitmap {
         let mut changed = false;
         for c in self.flagged_chunks(first / CHUNK_BITS, (end - 1) / CHUNK_BITS) {
             let chunk_end = (c.saturating_add(1) * CHUNK_BITS).min(self.bit_count);
-            if first <= c * CHUNK_BITS + 1 && end >= chunk_end {
+            if first <= c * CHUNK_BITS && end >= chunk_end {
                 // Whole chunk: also drop its summary bit so it stops costing walks.
                 changed |= self.clear_chunk(c);
                 continue;
@@ -239,6 +245,7 @@ impl DirtyBitmap {
 
     /// Marks every granule touched by guest bytes `[offset, offset + len)`,
     /// clamped to `size()`; true if any bit went 0 -> 1.
+    #[inline]
     pub fn mark_bytes(&self, offset: u64, len: u64) -> bool {
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
@@ -737,6 +744,29 @@ mod tests {
     }
 
     #[test]
+    fn chunk_boundaries() {
+        // Three chunks, the last one partial.
+        let bm = DirtyBitmap::new((3 * CHUNK_BITS - 7) * 512, 9).unwrap();
+        // A run ending exactly where a clean chunk starts.
+        bm.set_bits(CHUNK_BITS - 5, 5);
+        assert_eq!(runs(&bm), [(CHUNK_BITS - 5, 5)]);
+        bm.set_bits(2 * CHUNK_BITS, 3);
+        assert_eq!(runs(&bm), [(CHUNK_BITS - 5, 5), (2 * CHUNK_BITS, 3)]);
+        // Resetting all but the last bit of a chunk keeps that bit.
+        bm.set_bits(0, CHUNK_BITS);
+        bm.reset_bits(0, CHUNK_BITS - 1);
+        assert_eq!(runs(&bm), [(CHUNK_BITS - 1, 1), (2 * CHUNK_BITS, 3)]);
+        bm.set_bits(0, CHUNK_BITS);
+        bm.reset_bits(1, CHUNK_BITS);
+        assert_eq!(runs(&bm), [(0, 1), (2 * CHUNK_BITS, 3)]);
+        // Resetting up to bit_count covers the partial last chunk entirely.
+        let flagged_before = bm.committed_bytes_estimate();
+        bm.reset_bits(2 * CHUNK_BITS, u64::MAX);
+        assert_eq!(bm.committed_bytes_estimate(), flagged_before - CHUNK_BYTES);
+        assert_eq!(runs(&bm), [(0, 1)]);
+    }
+
+    #[test]
     fn reset_drops_summary_of_whole_chunks() {
         let bm = DirtyBitmap::new(3 * CHUNK_BITS * 512, 9).unwrap();
         bm.set_bits(0, u64::MAX);
@@ -890,6 +920,8 @@ mod tests {
         assert_eq!(bm.committed_bytes_estimate(), 8192);
 
         // 10,000 set bits scattered as 1,250 random 512 KiB guest writes.
+        // (10,000 uniformly random single bits would flag ~9,300 chunks, about
+        // 4.6 MiB by this estimate, and dirty ~70% of the map's 4 KiB pages.)
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         for _ in 0..1250 {
             x ^= x << 13;

@@ -14,6 +14,9 @@ use std::process::ExitCode;
     about = "QEMU-compatible persistent dirty bitmaps for qcow2 images"
 )]
 struct Cli {
+    /// Open without QEMU's image locks, like `qemu-img -U` (read-only commands).
+    #[arg(short = 'U', long, global = true)]
+    force_share: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -152,8 +155,18 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn open(path: &str, writable: bool) -> Result<Image, Error> {
-    Image::open(path, OpenOptions { writable })
+    let force_share = FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed);
+    Image::open(
+        path,
+        OpenOptions {
+            writable,
+            force_share,
+        },
+    )
 }
+
+/// Set once from the command line before any image is opened.
+static FORCE_SHARE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Opens read-write, runs `f`, and closes (which persists); the first error wins.
 fn modify(path: &str, f: impl FnOnce(&Image) -> Result<(), Error>) -> Result<(), Error> {
@@ -252,6 +265,7 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
+    FORCE_SHARE.store(cli.force_share, std::sync::atomic::Ordering::Relaxed);
     match cli.command {
         Command::Create {
             cluster_size,

@@ -49,25 +49,28 @@ fn check_out_handle(out_img: *mut *mut qbm_image) -> Result<(), Error> {
 }
 
 /// Opens the qcow2 image at `path`. `flags`: `QBM_OPEN_RDWR` for read-write
-/// (bitmaps are then marked in_use on disk until close), 0 for read-only.
+/// (bitmaps are then marked in_use on disk until close), 0 for read-only;
+/// `QBM_OPEN_FORCE_SHARE` reads without QEMU's locks (read-only only).
+/// Takes the same image locks as QEMU: -EBUSY while another process (a VM,
+/// qemu-img) holds the image in a conflicting way.
 /// On success stores the handle in `*img`.
 #[no_mangle]
 pub extern "C" fn qbm_open(path: *const c_char, flags: u32, img: *mut *mut qbm_image) -> c_int {
     run(|| {
         let path = string(path, "path")?;
         check_out_handle(img)?;
-        if flags & !QBM_OPEN_RDWR != 0 {
+        let known = QBM_OPEN_RDWR | QBM_OPEN_FORCE_SHARE;
+        if flags & !known != 0 {
             return Err(Error::InvalidArgument(format!(
                 "{path}: unknown open flags {:#x}",
-                flags & !QBM_OPEN_RDWR
+                flags & !known
             )));
         }
-        let image = Image::open(
-            path,
-            OpenOptions {
-                writable: flags & QBM_OPEN_RDWR != 0,
-            },
-        )?;
+        let options = OpenOptions {
+            writable: flags & QBM_OPEN_RDWR != 0,
+            force_share: flags & QBM_OPEN_FORCE_SHARE != 0,
+        };
+        let image = Image::open(path, options)?;
         store_handle(img, image)
     })
 }

@@ -10,6 +10,9 @@ pub const QBM_VERSION_PATCH: u32 = 0;
 
 /// `qbm_open` flag: open read-write (read-only otherwise).
 pub const QBM_OPEN_RDWR: u32 = 1 << 0;
+/// `qbm_open` flag: read without taking QEMU's image locks, like `qemu-img -U`
+/// (read-only opens only; the image may change underneath).
+pub const QBM_OPEN_FORCE_SHARE: u32 = 1 << 1;
 
 /// `qbm_bitmap_add` flag: the new bitmap starts disabled (not marked by writes).
 pub const QBM_BITMAP_DISABLED: u32 = 1 << 0;

@@ -254,7 +254,8 @@ mod tests {
 
     #[test]
     fn rejects_each_bad_field() {
-        let cases: Vec<(Box<dyn Fn(&mut DirEntry)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut DirEntry)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|e| e.granularity_bits = 32), "granularity_bits 32"),
             (Box::new(|e| e.flags |= 1 << 5), "reserved flag bits"),
             (Box::new(|e| e.bitmap_type = 2), "type 2"),

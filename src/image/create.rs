@@ -1,6 +1,7 @@
 //! Creating a new, empty qcow2 v3 image.
 
 use super::allocator::Allocator;
+use super::lock;
 use super::{Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::extension;
@@ -76,11 +77,13 @@ impl Image {
             .open(path)
             .map_err(|e| Error::io(format!("{name}: cannot create"), e))?;
         let storage = FileStorage::new(file);
-        if let Err(e) = format(&storage, options) {
+        let formatted = lock::lock(storage.file(), true, &name)
+            .and_then(|_| format(&storage, options).map_err(|e| e.context(&name)));
+        if let Err(e) = formatted {
             let _ = std::fs::remove_file(path);
-            return Err(e.context(&name));
+            return Err(e);
         }
-        Image::open_storage(Box::new(storage), &name, OpenOptions { writable: true })
+        Image::open_storage(Box::new(storage), &name, OpenOptions::read_write())
     }
 
     /// Formats `storage` (which must be empty) and opens it read-write.
@@ -90,7 +93,7 @@ impl Image {
         options: &CreateOptions,
     ) -> Result<Image> {
         format(storage.as_ref(), options).map_err(|e| e.context(name))?;
-        Image::open_storage(storage, name, OpenOptions { writable: true })
+        Image::open_storage(storage, name, OpenOptions::read_write())
     }
 }
 

@@ -6,6 +6,7 @@ mod allocator;
 mod bitmaps;
 mod create;
 mod enabled;
+mod lock;
 
 pub use bitmaps::{BitmapInfo, Extents};
 pub use create::CreateOptions;
@@ -26,6 +27,22 @@ use std::sync::{Mutex, MutexGuard};
 pub struct OpenOptions {
     /// Open read-write: bitmaps become changeable and are marked in_use on disk.
     pub writable: bool,
+    /// Read without taking QEMU's image locks (`qemu-img -U`): the image may
+    /// be changing under us. Read-only opens only.
+    pub force_share: bool,
+}
+
+impl OpenOptions {
+    pub fn read_only() -> OpenOptions {
+        OpenOptions::default()
+    }
+
+    pub fn read_write() -> OpenOptions {
+        OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        }
+    }
 }
 
 /// Facts about an open image.
@@ -72,6 +89,11 @@ impl Image {
     pub fn open(path: impl AsRef<Path>, options: OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         let name = path.display().to_string();
+        if options.writable && options.force_share {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: force-share is for read-only opens only"
+            )));
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(options.writable)
@@ -85,6 +107,9 @@ impl Image {
             return Err(Error::InvalidArgument(format!(
                 "{name}: not a regular file or block device"
             )));
+        }
+        if !options.force_share {
+            lock::lock(&file, options.writable, &name)?;
         }
         Image::open_storage(Box::new(FileStorage::new(file)), &name, options)
     }
