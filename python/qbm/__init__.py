@@ -59,6 +59,7 @@ __all__ = [
     "VERSION_MINOR",
     "VERSION_PATCH",
     "OPEN_RDWR",
+    "OPEN_FORCE_SHARE",
     "BITMAP_DISABLED",
     "BITMAP_ENABLED",
     "BITMAP_IN_USE",
@@ -83,6 +84,8 @@ VERSION_PATCH = 0
 
 #: ``qbm_open`` flag: open read-write.
 OPEN_RDWR = 1 << 0
+#: ``qbm_open`` flag: read without image locks (like ``qemu-img -U``).
+OPEN_FORCE_SHARE = 1 << 1
 #: ``qbm_bitmap_add`` flag: the new bitmap starts disabled.
 BITMAP_DISABLED = 1 << 0
 #: ``qbm_bitmap_info.flags``: marked by every write.
@@ -445,15 +448,17 @@ class Image:
     # -- construction and lifetime -------------------------------------
 
     @classmethod
-    def open(cls, path: StrPath, writable: bool = False) -> "Image":
+    def open(cls, path: StrPath, writable: bool = False, force_share: bool = False) -> "Image":
         """Opens the qcow2 image at ``path``, read-only unless ``writable``.
 
         Opened read-write, its bitmaps are flagged in_use on disk until
-        :meth:`close`, as QEMU does.
+        :meth:`close`, as QEMU does. The image is locked as QEMU locks it
+        (:class:`Busy` while a VM or qemu-img holds it); ``force_share``
+        reads without locks, like ``qemu-img -U`` (read-only only).
         """
         p = _path(path)
         h = _HandleP()
-        flags = OPEN_RDWR if writable else 0
+        flags = (OPEN_RDWR if writable else 0) | (OPEN_FORCE_SHARE if force_share else 0)
         _check(lib.qbm_open(p, flags, ctypes.byref(h)), "qbm_open")
         return cls(h, path)
 

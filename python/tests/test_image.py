@@ -296,3 +296,19 @@ def test_second_writable_open_is_refused(images: Images) -> None:
     with pytest.raises(qbm.Busy) as ei:
         images.open(img.path, writable=True)
     assert ei.value.errno == errno.EBUSY
+
+
+def test_force_share_reads_an_image_held_read_write(tmp_path: Path) -> None:
+    """A locked image refuses a plain read-only open (Busy, naming the lock)
+    but force_share reads it, as `qemu-img info -U` does."""
+    f = tmp_path / "held.qcow2"
+    with qbm.Image.create(f, 16 * 1024 * 1024) as writer:
+        writer.add_bitmap("b0")
+        with pytest.raises(qbm.Busy) as e:
+            qbm.Image.open(f)
+        assert e.value.errno == errno.EBUSY
+        assert "lock" in str(e.value)
+        with qbm.Image.open(f, force_share=True) as reader:
+            assert reader.info().virtual_size == 16 * 1024 * 1024
+        with pytest.raises(qbm.InvalidArgument):
+            qbm.Image.open(f, writable=True, force_share=True)

@@ -41,7 +41,7 @@ def test_version_matches_header_macros() -> None:
 def test_constants_match_header() -> None:
     text = header_text()
     defines = dict(re.findall(r"#define QBM_(\w+) \(?([^)\n]+)\)?", text))
-    for name in ("OPEN_RDWR", "BITMAP_DISABLED", "BITMAP_ENABLED", "BITMAP_IN_USE",
+    for name in ("OPEN_RDWR", "OPEN_FORCE_SHARE", "BITMAP_DISABLED", "BITMAP_ENABLED", "BITMAP_IN_USE",
                  "BITMAP_UNSUPPORTED", "IMAGE_WRITABLE", "NAME_MAX"):
         assert getattr(qbm, name) == eval(defines[name]), name  # "1 << 2" etc.
 
