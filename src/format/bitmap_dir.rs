@@ -102,6 +102,9 @@ pub fn check_bitmap_limits(
             1u128 << granularity_bits
         ));
     }
+    if size == 0 {
+        return Err("a disk of 0 bytes cannot hold a bitmap".into());
+    }
     let bytes = serialized_len(size, granularity_bits);
     if bytes > MAX_SERIALIZED_BYTES {
         return Err(format!(
@@ -291,6 +294,7 @@ mod tests {
         // 16 TiB at 512 B granularity would need 4 GiB of bitmap.
         assert!(check_bitmap_limits(16 << 40, 9, 65536).is_err());
         assert!(check_bitmap_limits(16 << 40, 16, 65536).is_ok());
+        assert!(check_bitmap_limits(0, 16, 65536).is_err());
         assert!(validate_name(&"n".repeat(1024)).is_err());
         assert!(validate_name("").is_err());
     }

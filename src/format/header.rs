@@ -54,14 +54,15 @@ impl Header {
     /// Parses and validates the header at the start of `buf` (cluster 0, or as
     /// much of the file as exists when it is shorter).
     pub fn parse(buf: &[u8]) -> Result<Header> {
+        if buf.len() < 4 || be32(buf, 0) != MAGIC {
+            let magic = buf.iter().take(4).fold(0u32, |m, &b| (m << 8) | u32::from(b));
+            return Err(Error::InvalidArgument(format!(
+                "not a qcow2 image ({} bytes, magic {magic:#010x})",
+                buf.len()
+            )));
+        }
         if buf.len() < V2_HEADER_LEN as usize {
             return corrupt!("file is {} bytes, too short for a qcow2 header", buf.len());
-        }
-        let magic = be32(buf, 0);
-        if magic != MAGIC {
-            return Err(Error::InvalidArgument(format!(
-                "not a qcow2 image (magic {magic:#010x})"
-            )));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {
@@ -264,5 +265,7 @@ mod tests {
         b[7] = 4;
         assert_eq!(Header::parse(&b).unwrap_err().errno(), libc::ENOTSUP);
         assert_eq!(Header::parse(&b[..40]).unwrap_err().errno(), libc::EUCLEAN);
+        assert_eq!(Header::parse(b"hello\n").unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(Header::parse(b"").unwrap_err().errno(), libc::EINVAL);
     }
 }

@@ -16,7 +16,8 @@ const MAX_L1_BYTES: u64 = 32 << 20;
 /// What `Image::create` makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CreateOptions {
-    /// Virtual disk size in bytes.
+    /// Virtual disk size in bytes; rounded up to a multiple of 512 as
+    /// qemu-img does (QEMU reads sizes in 512-byte sectors).
     pub size: u64,
     /// 512 B ..= 2 MiB, a power of two.
     pub cluster_size: u64,
@@ -53,7 +54,7 @@ impl CreateOptions {
         let cluster_bits = cs.trailing_zeros();
         let l2_span = cs * (cs / 8);
         let l1_entries = self.size.div_ceil(l2_span);
-        if l1_entries * 8 > MAX_L1_BYTES || self.size > i64::MAX as u64 {
+        if l1_entries * 8 > MAX_L1_BYTES || self.size > i64::MAX as u64 - 511 {
             return Err(Error::InvalidArgument(format!(
                 "a {}-byte disk is too big for cluster size {cs} (the L1 table would exceed {MAX_L1_BYTES} bytes)",
                 self.size
@@ -108,7 +109,7 @@ fn format(storage: &dyn Storage, options: &CreateOptions) -> Result<()> {
         backing_file_offset: 0,
         backing_file_size: 0,
         cluster_bits,
-        size: options.size,
+        size: options.size.next_multiple_of(512),
         crypt_method: 0,
         l1_size: 0,
         l1_table_offset: 0,
