@@ -22,7 +22,7 @@ CTEST_LINK := -I include -L $(LIBDIR_OUT) -Wl,-rpath,$(abspath $(LIBDIR_OUT)) -l
 C_TESTS    := $(patsubst c-tests/%.c,$(OUT)/c-tests/%,$(filter-out c-tests/demo.c,$(wildcard c-tests/*.c)))
 
 
-.PHONY: all lib bin check-install check check-rust check-header check-c check-python check-readme demo bench install clean
+.PHONY: all lib bin check-install check check-rust check-header check-c check-python check-readme demo install clean
 
 all: lib bin
 

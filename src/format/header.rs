@@ -55,7 +55,10 @@ impl Header {
     /// much of the file as exists when it is shorter).
     pub fn parse(buf: &[u8]) -> Result<Header> {
         if buf.len() < 4 || be32(buf, 0) != MAGIC {
-            let magic = buf.iter().take(4).fold(0u32, |m, &b| (m << 8) | u32::from(b));
+            let magic = buf
+                .iter()
+                .take(4)
+                .fold(0u32, |m, &b| (m << 8) | u32::from(b));
             return Err(Error::InvalidArgument(format!(
                 "not a qcow2 image ({} bytes, magic {magic:#010x})",
                 buf.len()
