@@ -94,10 +94,8 @@ demo: lib
 	fi
 
 install: lib bin
-
-bin:
-	$(CARGO) build --release --bin qbm
-	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(BINDIR)
+	install -m 0755 $(RELEASE)/qbm $(DESTDIR)$(BINDIR)/qbm
 	install -m 0755 $(LIBDIR_OUT)/libqbm.so.$(VERSION) $(DESTDIR)$(LIBDIR)/
 	ln -sf libqbm.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
 	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libqbm.so
@@ -109,7 +107,7 @@ bin:
 	  'Cflags: -I$${includedir}' > $(DESTDIR)$(LIBDIR)/pkgconfig/qbm.pc
 
 # make install into temporary prefixes, then build C and Python against it.
-check-install: lib bin
+check-install: lib
 	bash tests/install.sh
 
 clean:

@@ -187,7 +187,12 @@ fn human_size(bytes: u64) -> String {
     if u == 0 {
         format!("{bytes} B")
     } else {
-        format!("{v:.3} {}", UNITS[u]).replace(".000 ", " ")
+        let text = format!("{v:.3}");
+        format!(
+            "{} {}",
+            text.trim_end_matches('0').trim_end_matches('.'),
+            UNITS[u]
+        )
     }
 }
 
@@ -368,14 +373,22 @@ fn run(cli: Cli) -> Result<(), Error> {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            // --help and --version succeed; usage errors fail like any other error.
+        // --help and --version succeed and print as clap prints them.
+        Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ExitCode::SUCCESS;
+        }
+        // Usage errors fail like any other error: one line on stderr.
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.split("\n\n").next().unwrap_or_default();
+            let words: Vec<&str> = first
+                .trim()
+                .trim_start_matches("error: ")
+                .split_whitespace()
+                .collect();
+            eprintln!("qbm: {} (see qbm --help)", words.join(" "));
+            return ExitCode::FAILURE;
         }
     };
     match run(cli) {

@@ -529,7 +529,8 @@ impl Image {
             )));
         }
         bitmap_dir::validate_name(name).map_err(Error::InvalidArgument)?;
-        let bits = granularity_bits(granularity)?;
+        let bits =
+            granularity_bits(granularity).map_err(|e| e.context(format!("bitmap '{name}'")))?;
         if st.slots.iter().any(|s| s.entry.name == name) {
             return Err(Error::Exists(format!("bitmap '{name}' already exists")));
         }
@@ -629,7 +630,11 @@ impl Image {
         if old == new {
             return Ok(());
         }
-        bitmap_dir::validate_name(new).map_err(|m| self.ctx(Error::InvalidArgument(m)))?;
+        bitmap_dir::validate_name(new).map_err(|m| {
+            self.ctx(Error::InvalidArgument(format!(
+                "renaming bitmap '{old}': {m}"
+            )))
+        })?;
         if st.find(new).is_ok() {
             return Err(self.ctx(Error::Exists(format!("bitmap '{new}' already exists"))));
         }
@@ -682,7 +687,7 @@ impl Image {
     pub fn set_range(&self, name: &str, offset: u64, length: u64) -> Result<()> {
         let st = self.writable_state()?;
         let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
-        self.check_range(offset, length)?;
+        self.check_range(offset, length, Some(name))?;
         data.mark_bytes(offset, length);
         Ok(())
     }
@@ -692,7 +697,7 @@ impl Image {
     pub fn reset_range(&self, name: &str, offset: u64, length: u64) -> Result<()> {
         let st = self.writable_state()?;
         let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
-        self.check_range(offset, length)?;
+        self.check_range(offset, length, Some(name))?;
         let g = data.granularity();
         let end = offset + length;
         if offset % g != 0 || (end % g != 0 && end != self.size) {

@@ -193,19 +193,22 @@ impl Image {
         if !self.writable {
             return Err(self.read_only_error());
         }
-        self.check_range(offset, length)?;
+        self.check_range(offset, length, None)?;
         self.enabled.for_each(|b| {
             b.mark_bytes(offset, length);
         });
         Ok(())
     }
 
-    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+    /// `bitmap` names the bitmap in the message, if one is involved.
+    fn check_range(&self, offset: u64, length: u64, bitmap: Option<&str>) -> Result<()> {
         match offset.checked_add(length) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(Error::InvalidArgument(format!(
-                "{}: range at offset {offset} of length {length} extends past the end of the disk ({} bytes)",
-                self.name, self.size
+                "{}: {}range at offset {offset} of length {length} extends past the end of the disk ({} bytes)",
+                self.name,
+                bitmap.map_or(String::new(), |b| format!("bitmap '{b}': ")),
+                self.size
             ))),
         }
     }
