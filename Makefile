@@ -68,12 +68,15 @@ check-c: lib $(C_TESTS)
 check-python: lib
 	QBM_LIBRARY=$(abspath $(LIBDIR_OUT))/$(SONAME) python3 -m pytest -q python/tests
 
-# The C example in the README must compile and run.
+# The C example in the README must compile and run; its shell session must
+# print what it shows.
 check-readme: lib
 	@mkdir -p $(OUT)/readme
 	awk '/^```c$$/{f=1;next} /^```$$/{f=0} f' README.md > $(OUT)/readme/example.c
 	$(CC) $(CWARN) $(CFLAGS) -o $(OUT)/readme/example $(OUT)/readme/example.c $(CTEST_LINK)
 	cd $(OUT)/readme && rm -f example.qcow2 && ./example
+	$(CARGO) build --release --bin qbm
+	bash tests/readme_session.sh
 
 demo: lib
 	@mkdir -p $(OUT)/demo

@@ -1345,6 +1345,39 @@ fn check_and_errors() {
     fail(&["check", &missing], &[&missing], "no such file");
 }
 
+/// check lists inconsistent bitmaps; --repair removes them and keeps the rest.
+#[test]
+fn check_repair_removes_inconsistent_bitmaps() {
+    let dir = TempDir::new("repair");
+    let img = dir.file("r.qcow2");
+    ok(&["create", &img, "64M"]);
+    ok(&["add", &img, "bm-crashed"]);
+    ok(&["add", &img, "bm-fine"]);
+    ok(&["set", &img, "bm-fine", "1M", "1"]);
+    mark_first_bitmap_in_use(&img);
+
+    let text = ok(&["check", &img]);
+    assert!(text.contains("'bm-crashed' is inconsistent"), "{text}");
+    let v: Value = serde_json::from_str(&ok(&["check", "--json", &img])).unwrap();
+    assert_eq!(v["inconsistent-bitmaps"], serde_json::json!(["bm-crashed"]));
+    assert_eq!(v["removed-bitmaps"], serde_json::json!([]));
+    assert_eq!(
+        bitmap_names(&img),
+        ["bm-crashed", "bm-fine"],
+        "check alone changes nothing"
+    );
+
+    let v: Value = serde_json::from_str(&ok(&["check", "--json", "--repair", &img])).unwrap();
+    assert_eq!(v["removed-bitmaps"], serde_json::json!(["bm-crashed"]));
+    assert_eq!(bitmap_names(&img), ["bm-fine"]);
+    assert_eq!(extents(&img, "bm-fine"), [(MIB, 65536)]);
+    let text = ok(&["check", &img]);
+    assert!(!text.contains("inconsistent"), "{text}");
+    if have_qemu("check_repair_removes_inconsistent_bitmaps") {
+        qemu_check_clean(&img);
+    }
+}
+
 /// A bitmap left in use (as after a crash) is listed as such, cannot be
 /// read or changed, and can be removed.
 #[test]

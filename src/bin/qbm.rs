@@ -93,10 +93,14 @@ enum Command {
         image: String,
         name: String,
     },
-    /// Check the image's metadata as libqbm validates it at open.
+    /// Check the image's metadata as libqbm validates it at open; list
+    /// inconsistent bitmaps (--repair removes them).
     Check {
         #[arg(long)]
         json: bool,
+        /// Remove inconsistent (in use) bitmaps; they can never be used again.
+        #[arg(long)]
+        repair: bool,
         image: String,
     },
 }
@@ -205,6 +209,7 @@ fn bitmap_json(b: &BitmapInfo) -> serde_json::Value {
         "usable": b.usable,
         "dirty-bytes": b.dirty_bytes,
         "extra-data-size": b.extra_data.len(),
+        "extra-data": b.extra_data.iter().map(|x| format!("{x:02x}")).collect::<String>(),
     })
 }
 
@@ -349,25 +354,66 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::Check { json, image } => {
-            let result = open(&image, false).and_then(|img| img.bitmaps().map(|b| b.len()));
-            let (ok, message) = match &result {
-                Ok(n) => (true, format!("No errors were found ({n} bitmaps loaded)")),
-                Err(e) => (false, e.to_string()),
-            };
-            if json {
-                let v =
-                    json!({"filename": image, "check-errors": u32::from(!ok), "message": message});
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&v).expect("JSON values serialise")
-                );
+        Command::Check {
+            json,
+            repair,
+            image,
+        } => check(&image, json, repair),
+    }
+}
+
+/// Opening validates every structure libqbm reads: header, extensions,
+/// refcount table, bitmap directory, tables and data.
+fn check(path: &str, as_json: bool, repair: bool) -> Result<(), Error> {
+    let result = open(path, false).and_then(|img| {
+        let inconsistent: Vec<String> = img
+            .bitmaps()?
+            .into_iter()
+            .filter(|b| b.in_use)
+            .map(|b| b.name)
+            .collect();
+        img.close()?;
+        Ok(inconsistent)
+    });
+    let inconsistent = match &result {
+        Ok(names) => names.clone(),
+        Err(_) => Vec::new(),
+    };
+    let repaired = if repair && !inconsistent.is_empty() {
+        modify(path, |img| {
+            inconsistent.iter().try_for_each(|n| img.remove_bitmap(n))
+        })?;
+        inconsistent.clone()
+    } else {
+        Vec::new()
+    };
+    let message = match &result {
+        Ok(_) => "No errors were found on the image.".to_string(),
+        Err(e) => e.to_string(),
+    };
+    if as_json {
+        let v = json!({
+            "filename": path,
+            "check-errors": u32::from(result.is_err()),
+            "message": message,
+            "inconsistent-bitmaps": inconsistent,
+            "removed-bitmaps": repaired,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON values serialise")
+        );
+    } else {
+        println!("{message}");
+        for name in &inconsistent {
+            if repaired.contains(name) {
+                println!("Removed inconsistent bitmap '{name}'.");
             } else {
-                println!("{message}");
+                println!("Bitmap '{name}' is inconsistent (in use); --repair removes it.");
             }
-            result.map(|_| ())
         }
     }
+    result.map(|_| ())
 }
 
 fn main() -> ExitCode {
