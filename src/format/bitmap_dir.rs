@@ -27,6 +27,10 @@ pub struct DirEntry {
     pub bitmap_type: u8,
     pub granularity_bits: u8,
     pub name: String,
+    /// The name's bytes when they are not UTF-8 (QEMU accepts any bytes);
+    /// `name` then holds a lossy copy for messages. Such a bitmap is kept but
+    /// not used.
+    pub raw_name: Option<Vec<u8>>,
     pub extra_data: Vec<u8>,
 }
 
@@ -45,8 +49,12 @@ impl DirEntry {
         !self.extra_data.is_empty() && self.flags & FLAG_EXTRA_DATA_COMPATIBLE == 0
     }
 
+    pub fn name_bytes(&self) -> &[u8] {
+        self.raw_name.as_deref().unwrap_or(self.name.as_bytes())
+    }
+
     pub fn encoded_len(&self) -> usize {
-        pad8(ENTRY_FIXED_LEN + self.extra_data.len() + self.name.len())
+        pad8(ENTRY_FIXED_LEN + self.extra_data.len() + self.name_bytes().len())
     }
 
     fn encode_into(&self, b: &mut Vec<u8>) {
@@ -56,10 +64,10 @@ impl DirEntry {
         b.extend_from_slice(&self.flags.to_be_bytes());
         b.push(self.bitmap_type);
         b.push(self.granularity_bits);
-        b.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        b.extend_from_slice(&(self.name_bytes().len() as u16).to_be_bytes());
         b.extend_from_slice(&(self.extra_data.len() as u32).to_be_bytes());
         b.extend_from_slice(&self.extra_data);
-        b.extend_from_slice(self.name.as_bytes());
+        b.extend_from_slice(self.name_bytes());
         b.resize(start + self.encoded_len(), 0);
     }
 }
@@ -68,6 +76,9 @@ impl DirEntry {
 pub fn validate_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() {
         return Err("bitmap name is empty".into());
+    }
+    if name.contains('\0') {
+        return Err(format!("bitmap name {name:?} contains a NUL byte"));
     }
     if name.len() > MAX_NAME_SIZE {
         return Err(format!(
@@ -155,14 +166,12 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
         };
         let name_start = at + ENTRY_FIXED_LEN + extra_size;
         let name_bytes = &buf[name_start..name_start + name_size];
-        let name = match std::str::from_utf8(name_bytes) {
-            Ok(n) => n.to_string(),
-            Err(_) => {
-                return corrupt!(
-                    "bitmap directory entry {i}: name {:?} is not valid UTF-8",
-                    String::from_utf8_lossy(name_bytes)
-                )
-            }
+        let (name, raw_name) = match std::str::from_utf8(name_bytes) {
+            Ok(n) => (n.to_string(), None),
+            Err(_) => (
+                String::from_utf8_lossy(name_bytes).into_owned(),
+                Some(name_bytes.to_vec()),
+            ),
         };
         let entry = DirEntry {
             table_offset,
@@ -171,6 +180,7 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
             bitmap_type,
             granularity_bits,
             name,
+            raw_name,
             extra_data: buf[at + ENTRY_FIXED_LEN..name_start].to_vec(),
         };
         let what = format!("bitmap '{}' (directory entry {i})", entry.name);
@@ -203,7 +213,7 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
         if table_offset == 0 || table_offset % cluster_size != 0 {
             return corrupt!("{what}: bitmap_table_offset {table_offset:#x} is not a nonzero multiple of the cluster size");
         }
-        if out.iter().any(|e| e.name == entry.name) {
+        if out.iter().any(|e| e.name_bytes() == entry.name_bytes()) {
             return corrupt!("{what}: duplicate bitmap name");
         }
         out.push(entry);
@@ -233,6 +243,7 @@ mod tests {
             bitmap_type: 1,
             granularity_bits: 16,
             name: name.into(),
+            raw_name: None,
             extra_data: vec![],
         }
     }
@@ -280,13 +291,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("duplicate"));
-        let mut bad = encode(&[entry("x")]);
-        bad[24] = 0xff;
-        assert!(parse(&bad, 1, 1 << 30, 65536)
-            .unwrap_err()
-            .to_string()
-            .contains("UTF-8"));
-        assert!(parse(&bad[..20], 1, 1 << 30, 65536).is_err());
+        // A name that is not UTF-8 is kept byte for byte (QEMU accepts any bytes).
+        let mut odd = encode(&[entry("x")]);
+        odd[24] = 0xff;
+        let parsed = parse(&odd, 1, 1 << 30, 65536).unwrap();
+        assert_eq!(parsed[0].raw_name.as_deref(), Some(&b"\xff"[..]));
+        assert_eq!(encode(&parsed), odd);
+        assert!(parse(&odd[..20], 1, 1 << 30, 65536).is_err());
     }
 
     #[test]
@@ -297,5 +308,6 @@ mod tests {
         assert!(check_bitmap_limits(0, 16, 65536).is_err());
         assert!(validate_name(&"n".repeat(1024)).is_err());
         assert!(validate_name("").is_err());
+        assert!(validate_name("a\0b").is_err());
     }
 }

@@ -131,7 +131,8 @@ impl State {
             bitmap_dir::parse(&dir, ext.nb_bitmaps, self.header.size, self.cluster_size())?;
         self.directory = Some((ext.directory_offset, ext.directory_size));
         for entry in entries {
-            let loadable = !entry.in_use() && !entry.has_incompatible_extra_data();
+            let loadable =
+                !entry.in_use() && !entry.has_incompatible_extra_data() && entry.raw_name.is_none();
             let (data, table) = if loadable {
                 let table = self.read_table(&entry)?;
                 (Some(Arc::new(self.load_data(&entry, &table)?)), Some(table))
@@ -454,6 +455,9 @@ impl State {
             None if slot.entry.in_use() => Err(Error::Busy(format!(
                 "bitmap '{name}' is inconsistent (it was in use when the image was opened); it can only be removed"
             ))),
+            None if slot.entry.raw_name.is_some() => Err(Error::NotSupported(format!(
+                "bitmap '{name}' has a name that is not valid UTF-8; it is kept but cannot be used (only removed)"
+            ))),
             None => Err(Error::NotSupported(format!(
                 "bitmap '{name}' carries {} bytes of extra data this version does not understand; it is kept but cannot be used",
                 slot.entry.extra_data.len()
@@ -550,6 +554,7 @@ impl Image {
             bitmap_type: bitmap_dir::TYPE_DIRTY_TRACKING,
             granularity_bits: bits,
             name: name.to_string(),
+            raw_name: None,
             extra_data: Vec::new(),
         };
         let dir_size: u64 = st
@@ -652,6 +657,7 @@ impl Image {
             ))));
         }
         st.slots[i].entry.name = new.to_string();
+        st.slots[i].entry.raw_name = None;
         st.dir_changed = true;
         Ok(())
     }
