@@ -28,8 +28,7 @@ pub struct DirEntry {
     pub granularity_bits: u8,
     pub name: String,
     /// The name's bytes when they are not UTF-8 (QEMU accepts any bytes);
-    /// `name` then holds a lossy copy for messages. Such a bitmap is kept but
-    /// not used.
+    /// `name` then holds a lossy copy, by which callers address the bitmap.
     pub raw_name: Option<Vec<u8>>,
     pub extra_data: Vec<u8>,
 }

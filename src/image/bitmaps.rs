@@ -131,8 +131,7 @@ impl State {
             bitmap_dir::parse(&dir, ext.nb_bitmaps, self.header.size, self.cluster_size())?;
         self.directory = Some((ext.directory_offset, ext.directory_size));
         for entry in entries {
-            let loadable =
-                !entry.in_use() && !entry.has_incompatible_extra_data() && entry.raw_name.is_none();
+            let loadable = !entry.in_use() && !entry.has_incompatible_extra_data();
             let (data, table) = if loadable {
                 let table = self.read_table(&entry)?;
                 (Some(Arc::new(self.load_data(&entry, &table)?)), Some(table))
@@ -454,9 +453,6 @@ impl State {
             Some(d) => Ok((i, d.clone())),
             None if slot.entry.in_use() => Err(Error::Busy(format!(
                 "bitmap '{name}' is inconsistent (it was in use when the image was opened); it can only be removed"
-            ))),
-            None if slot.entry.raw_name.is_some() => Err(Error::NotSupported(format!(
-                "bitmap '{name}' has a name that is not valid UTF-8; it is kept but cannot be used (only removed)"
             ))),
             None => Err(Error::NotSupported(format!(
                 "bitmap '{name}' carries {} bytes of extra data this version does not understand; it is kept but cannot be used",

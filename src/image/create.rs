@@ -78,13 +78,21 @@ impl Image {
             .open(path)
             .map_err(|e| Error::io(format!("{name}: cannot create"), e))?;
         let storage = FileStorage::new(file);
-        let formatted = lock::lock(storage.file(), true, &name)
-            .and_then(|_| format(&storage, options).map_err(|e| e.context(&name)));
-        if let Err(e) = formatted {
-            let _ = std::fs::remove_file(path);
-            return Err(e);
-        }
-        Image::open_storage(Box::new(storage), &name, OpenOptions::read_write())
+        let formatted = lock::lock(storage.file(), true, &name).and_then(|guard| {
+            format(&storage, options)
+                .map(|_| guard)
+                .map_err(|e| e.context(&name))
+        });
+        let guard = match formatted {
+            Ok(guard) => guard,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
+        let mut image = Image::open_storage(Box::new(storage), &name, OpenOptions::read_write())?;
+        image._lock = Some(guard);
+        Ok(image)
     }
 
     /// Formats `storage` (which must be empty) and opens it read-write.

@@ -55,10 +55,33 @@ fn held_by_other(file: &File, byte: i64, name: &str) -> Result<bool> {
     Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// Holds an image's locks; dropping it releases them. Closing the image file
+/// is not enough: a child process forked (and not yet exec'd) elsewhere in
+/// the program shares the open file description and would keep them.
+pub struct LockGuard {
+    /// A duplicate descriptor of the locked open file description.
+    file: File,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let all = libc::flock {
+            l_len: SHARED_BASE + 100 - PERM_BASE,
+            ..flock(libc::F_UNLCK, PERM_BASE)
+        };
+        // Nothing useful can be done if unlocking fails; closing still does it.
+        let _ = fcntl(&self.file, FcntlArg::F_OFD_SETLK(&all));
+    }
+}
+
 /// Takes the locks of a writer (uses read, write and resize; shares only
 /// reading) or of a reader (consistent read; does not share writing).
-/// The locks live as long as `file` stays open.
-pub fn lock(file: &File, writable: bool, name: &str) -> Result<()> {
+pub fn lock(file: &File, writable: bool, name: &str) -> Result<LockGuard> {
+    let guard = LockGuard {
+        file: file
+            .try_clone()
+            .map_err(|e| Error::io(format!("{name}: cannot lock"), e))?,
+    };
     let (used, unshared): (&[Perm], &[Perm]) = if writable {
         (
             &[Perm::ConsistentRead, Perm::Write, Perm::Resize],
@@ -93,7 +116,7 @@ pub fn lock(file: &File, writable: bool, name: &str) -> Result<()> {
             return Err(busy(name, "shared ", p.name(), PERM_BASE + p as i64));
         }
     }
-    Ok(())
+    Ok(guard)
 }
 
 fn busy(name: &str, shared: &str, perm: &str, byte: i64) -> Error {

@@ -64,6 +64,8 @@ pub struct Image {
     size: u64,
     state: Mutex<State>,
     enabled: EnabledSet,
+    /// Released when the image is dropped, after the state is stored.
+    _lock: Option<lock::LockGuard>,
 }
 
 /// Everything behind the management lock.
@@ -108,10 +110,13 @@ impl Image {
                 "{name}: not a regular file or block device"
             )));
         }
-        if !options.force_share {
-            lock::lock(&file, options.writable, &name)?;
-        }
-        Image::open_storage(Box::new(FileStorage::new(file)), &name, options)
+        let guard = match options.force_share {
+            true => None,
+            false => Some(lock::lock(&file, options.writable, &name)?),
+        };
+        let mut image = Image::open_storage(Box::new(FileStorage::new(file)), &name, options)?;
+        image._lock = guard;
+        Ok(image)
     }
 
     /// Opens an image held by any storage; `name` is used in messages.
@@ -127,6 +132,7 @@ impl Image {
             size: state.header.size,
             state: Mutex::new(state),
             enabled: EnabledSet::default(),
+            _lock: None,
         };
         {
             let mut st = image.lock()?;
