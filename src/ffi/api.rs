@@ -156,7 +156,7 @@ pub extern "C" fn qbm_image_get_info(img: *mut qbm_image, info: *mut qbm_image_i
 #[no_mangle]
 pub extern "C" fn qbm_bitmap_count(img: *mut qbm_image, count: *mut u32) -> c_int {
     run(|| {
-        let n = handle(img)?.image.bitmaps()?.len() as u32;
+        let n = handle(img)?.image.bitmap_count()? as u32;
         *out(count, "count")? = n;
         Ok(0)
     })
@@ -172,12 +172,11 @@ pub extern "C" fn qbm_bitmap_get_info(
 ) -> c_int {
     run(|| {
         let h = handle(img)?;
-        let list = h.image.bitmaps()?;
-        let b = list.get(index as usize).ok_or_else(|| {
+        let b = h.image.bitmap_info_at(index as usize)?.ok_or_else(|| {
             Error::NotFound(format!(
                 "{}: no bitmap at index {index} (the image has {})",
                 h.image.name(),
-                list.len()
+                h.image.bitmap_count().unwrap_or(0)
             ))
         })?;
         let mut name = [0 as c_char; 1024];

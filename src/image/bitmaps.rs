@@ -500,6 +500,15 @@ impl Image {
         Ok(self.lock()?.slots.iter().map(Slot::info).collect())
     }
 
+    pub fn bitmap_count(&self) -> Result<usize> {
+        Ok(self.lock()?.slots.len())
+    }
+
+    /// Bitmap number `index` in directory order, or None past the end.
+    pub fn bitmap_info_at(&self, index: usize) -> Result<Option<BitmapInfo>> {
+        Ok(self.lock()?.slots.get(index).map(Slot::info))
+    }
+
     pub fn bitmap_info(&self, name: &str) -> Result<BitmapInfo> {
         let st = self.lock()?;
         let i = st.find(name).map_err(|e| self.ctx(e))?;
