@@ -157,7 +157,10 @@ impl Header {
             let end = h
                 .backing_file_offset
                 .saturating_add(u64::from(h.backing_file_size));
-            if end > cluster_size || h.backing_file_offset < u64::from(h.header_length) {
+            // Within cluster 0 and within what was read (a truncated file).
+            if end > cluster_size.min(buf.len() as u64)
+                || h.backing_file_offset < u64::from(h.header_length)
+            {
                 return corrupt!(
                     "backing file name at {:#x} (+{}) lies outside cluster 0 past the header",
                     h.backing_file_offset,
@@ -270,5 +273,12 @@ mod tests {
         assert_eq!(Header::parse(&b[..40]).unwrap_err().errno(), libc::EUCLEAN);
         assert_eq!(Header::parse(b"hello\n").unwrap_err().errno(), libc::EINVAL);
         assert_eq!(Header::parse(b"").unwrap_err().errno(), libc::EINVAL);
+        // A backing file name past the end of a truncated file is an error, not a panic.
+        let mut h = sample();
+        h.backing_file_offset = 200;
+        h.backing_file_size = 100;
+        let mut b = h.encode();
+        b.resize(250, 0);
+        assert_eq!(Header::parse(&b).unwrap_err().errno(), libc::EUCLEAN);
     }
 }
