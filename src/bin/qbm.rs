@@ -2,7 +2,9 @@
 //! arguments, call the Rust API, print. Argument orders follow qemu-img's.
 
 use clap::{Args, Parser, Subcommand};
-use qbm::image::{BitmapInfo, CreateOptions, Image, ImageInfo, OpenOptions};
+use qbm::image::{
+    check_file, BitmapInfo, CheckOptions, CheckReport, CreateOptions, Image, ImageInfo, OpenOptions,
+};
 use qbm::Error;
 use serde_json::json;
 use std::process::ExitCode;
@@ -274,9 +276,9 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
     }
 }
 
-fn run(cli: Cli) -> Result<(), Error> {
+fn run(cli: Cli) -> Result<ExitCode, Error> {
     FORCE_SHARE.store(cli.force_share, std::sync::atomic::Ordering::Relaxed);
-    match cli.command {
+    let done: Result<(), Error> = match cli.command {
         Command::Create {
             cluster_size,
             refcount_bits,
@@ -358,62 +360,140 @@ fn run(cli: Cli) -> Result<(), Error> {
             json,
             repair,
             image,
-        } => check(&image, json, repair),
-    }
+        } => return check(&image, json, repair),
+    };
+    done.map(|_| ExitCode::SUCCESS)
 }
 
-/// Opening validates every structure libqbm reads: header, extensions,
-/// refcount table, bitmap directory, tables and data.
-fn check(path: &str, as_json: bool, repair: bool) -> Result<(), Error> {
-    let result = open(path, false).and_then(|img| {
-        let inconsistent: Vec<String> = img
-            .bitmaps()?
-            .into_iter()
-            .filter(|b| b.in_use)
-            .map(|b| b.name)
-            .collect();
-        img.close()?;
-        Ok(inconsistent)
-    });
-    let inconsistent = match &result {
-        Ok(names) => names.clone(),
-        Err(_) => Vec::new(),
-    };
-    let repaired = if repair && !inconsistent.is_empty() {
-        modify(path, |img| {
-            inconsistent.iter().try_for_each(|n| img.remove_bitmap(n))
-        })?;
-        inconsistent.clone()
+/// Exit codes of `check`, as `qemu-img check` uses them.
+const EXIT_CORRUPT: u8 = 2;
+const EXIT_LEAKS: u8 = 3;
+
+/// Recomputes every cluster's references and compares them with the
+/// refcounts; --repair opens read-write, removes inconsistent bitmaps and
+/// fixes leaks.
+fn check(path: &str, as_json: bool, repair: bool) -> Result<ExitCode, Error> {
+    let result = if repair {
+        open(path, true).and_then(|img| {
+            let report = img.check(CheckOptions {
+                repair_leaks: true,
+                remove_inconsistent: true,
+            });
+            let closed = img.close();
+            let report = report?;
+            closed.map(|_| report)
+        })
     } else {
-        Vec::new()
+        check_file(path, FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed))
     };
-    let message = match &result {
-        Ok(_) => "No errors were found on the image.".to_string(),
-        Err(e) => e.to_string(),
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            if as_json {
+                print_json(&json!({
+                    "filename": path,
+                    "format": "qcow2",
+                    "check-errors": 1,
+                    "message": e.to_string(),
+                }));
+            }
+            return Err(e);
+        }
     };
     if as_json {
-        let v = json!({
-            "filename": path,
-            "check-errors": u32::from(result.is_err()),
-            "message": message,
-            "inconsistent-bitmaps": inconsistent,
-            "removed-bitmaps": repaired,
-        });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("JSON values serialise")
-        );
+        print_json(&check_json(path, &report));
     } else {
-        println!("{message}");
-        for name in &inconsistent {
-            if repaired.contains(name) {
-                println!("Removed inconsistent bitmap '{name}'.");
-            } else {
-                println!("Bitmap '{name}' is inconsistent (in use); --repair removes it.");
-            }
-        }
+        print_check(&report);
     }
-    result.map(|_| ())
+    Ok(ExitCode::from(
+        if report.corruptions > 0 || report.check_errors > 0 {
+            EXIT_CORRUPT
+        } else if report.leaks > 0 {
+            EXIT_LEAKS
+        } else {
+            0
+        },
+    ))
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values serialise")
+    );
+}
+
+/// qemu-img's field names, plus the bitmap lists and the problem lines.
+fn check_json(path: &str, r: &CheckReport) -> serde_json::Value {
+    json!({
+        "filename": path,
+        "format": "qcow2",
+        "check-errors": r.check_errors,
+        "corruptions": r.corruptions,
+        "leaks": r.leaks,
+        "corruptions-fixed": r.corruptions_fixed,
+        "leaks-fixed": r.leaks_fixed,
+        "image-end-offset": r.image_end_offset,
+        "total-clusters": r.total_clusters,
+        "allocated-clusters": r.allocated_clusters,
+        "fragmented-clusters": r.fragmented_clusters,
+        "compressed-clusters": r.compressed_clusters,
+        "inconsistent-bitmaps": r.inconsistent_bitmaps,
+        "removed-bitmaps": r.removed_bitmaps,
+        "messages": r.messages,
+    })
+}
+
+fn print_check(r: &CheckReport) {
+    for m in &r.messages {
+        println!("{m}");
+    }
+    if !r.messages.is_empty() {
+        println!();
+    }
+    if r.leaks_fixed > 0 {
+        println!("{} leaked clusters were repaired.", r.leaks_fixed);
+    }
+    for name in &r.removed_bitmaps {
+        println!("Removed inconsistent bitmap '{name}'.");
+    }
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        println!("No errors were found on the image.");
+    }
+    if r.corruptions > 0 {
+        println!(
+            "{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
+            r.corruptions
+        );
+    }
+    if r.check_errors > 0 {
+        println!(
+            "{} internal errors occurred during the check.",
+            r.check_errors
+        );
+    }
+    if r.leaks > 0 {
+        println!(
+            "{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+            r.leaks
+        );
+    }
+    for name in &r.inconsistent_bitmaps {
+        println!("Bitmap '{name}' is inconsistent (in use); --repair removes it.");
+    }
+    let percent = |n: u64| match r.total_clusters {
+        0 => 0.0,
+        t => n as f64 * 100.0 / t as f64,
+    };
+    println!(
+        "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+        r.allocated_clusters,
+        r.total_clusters,
+        percent(r.allocated_clusters),
+        percent(r.fragmented_clusters),
+        percent(r.compressed_clusters)
+    );
+    println!("Image end offset: {}", r.image_end_offset);
 }
 
 fn main() -> ExitCode {
@@ -438,7 +518,7 @@ fn main() -> ExitCode {
         }
     };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("qbm: {e}");
             ExitCode::FAILURE

@@ -304,6 +304,22 @@ impl Allocator {
         }
         self.write_back(storage)
     }
+    /// Sets each (cluster, refcount) pair, writing each changed block once;
+    /// the check uses it to repair leaks.
+    pub fn set_refcounts(&mut self, storage: &dyn Storage, values: &[(u64, u64)]) -> Result<()> {
+        for &(cluster, value) in values {
+            let (ti, bi) = self.split(cluster);
+            if self.block(storage, ti)?.is_none() {
+                self.write_back(storage)?;
+                return corrupt!("no refcount block covers cluster {cluster}");
+            }
+            self.set_cached(ti, bi, value);
+            if value == 0 {
+                self.free_hint = self.free_hint.min(cluster);
+            }
+        }
+        self.write_back(storage)
+    }
 }
 
 struct Plan {

@@ -206,7 +206,7 @@ impl State {
 
     /// Stores what changed. `closing` clears in_use on the stored bitmaps;
     /// otherwise they stay flagged, because marks keep arriving.
-    pub(super) fn persist(&mut self, closing: bool) -> Result<()> {
+    pub(crate) fn persist(&mut self, closing: bool) -> Result<()> {
         let want_in_use = !closing;
         let flags_change = self
             .slots

@@ -4,11 +4,13 @@
 
 mod allocator;
 mod bitmaps;
+mod check;
 mod create;
 mod enabled;
 mod lock;
 
 pub use bitmaps::{BitmapInfo, Extents};
+pub use check::{check_file, check_storage, CheckOptions, CheckReport};
 pub use create::CreateOptions;
 
 use crate::corrupt;
