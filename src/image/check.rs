@@ -29,6 +29,9 @@ const SNAPSHOT_ENTRY_FIXED: usize = 40;
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
+/// Bits 0-8 and 56-62 of an L1 entry; bits 1-8 and 56-61 of a standard L2 entry.
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 const COMPRESSED: u64 = 1 << 62;
 /// At most this many problems are kept as messages; all are counted.
 const MAX_MESSAGES: usize = 1000;
@@ -62,7 +65,7 @@ pub struct CheckReport {
     pub removed_bitmaps: Vec<String>,
     /// One line per problem (the first `MAX_MESSAGES`).
     pub messages: Vec<String>,
-    /// End of the last referenced cluster.
+    /// End of the last cluster in the file that is referenced or has a refcount.
     pub image_end_offset: u64,
     /// Guest clusters: virtual size / cluster size, rounded up.
     pub total_clusters: u64,
@@ -255,12 +258,12 @@ impl<'a> Walk<'a> {
                 return;
             }
         };
-        // References far past the end of the file are refcount-0 clusters;
-        // record one message instead of growing the array without bound.
-        let limit = (self.file_len >> self.cluster_bits) + (1 << 20);
-        if last >= limit {
+        // qemu-img does not count a region reaching a cluster or more past
+        // the end of the file: it is one corruption, whatever its size.
+        let end = offset + len;
+        if end > self.file_len && end - self.file_len >= self.cluster_size() {
             self.report.corruption(format!(
-                "ERROR {what}: clusters at {offset:#x} (+{len}) lie far past the end of the file"
+                "ERROR {what}: region at {offset:#x} (+{len}) lies past the end of the file"
             ));
             return;
         }
@@ -365,26 +368,33 @@ impl<'a> Walk<'a> {
         };
         for i in 0..entries as usize {
             let entry = be64(&l1, i * 8);
-            let l2 = entry & L1_OFFSET_MASK;
-            if l2 == 0 {
+            // Any nonzero entry names an L2 table, even at offset 0.
+            if entry == 0 {
                 continue;
             }
+            if entry & L1_RESERVED != 0 {
+                self.report.corruption(format!(
+                    "ERROR {what} entry {i} ({entry:#x}) has reserved bits set"
+                ));
+            }
+            let l2 = entry & L1_OFFSET_MASK;
             if l2 % cs != 0 {
                 self.report.corruption(format!(
                     "ERROR {what} entry {i}: L2 table offset {l2:#x} is not cluster aligned"
                 ));
-                continue;
             }
             self.add_ref(l2, cs, "L2 table");
-            if active {
+            // qemu-img checks COPIED flags only below L1 entries with an offset.
+            let check_copied = active && l2 != 0;
+            if check_copied {
                 self.copied
                     .push((l2 >> self.cluster_bits, entry & COPIED != 0, "L2 table"));
             }
-            self.l2_table(l2, active);
+            self.l2_table(l2, active, check_copied);
         }
     }
 
-    fn l2_table(&mut self, offset: u64, active: bool) {
+    fn l2_table(&mut self, offset: u64, active: bool, check_copied: bool) {
         let cs = self.cluster_size();
         // Fragmentation is counted within one L2 table, as qemu-img counts it.
         let mut previous_host = None;
@@ -409,6 +419,11 @@ impl<'a> Walk<'a> {
                 }
                 continue;
             }
+            if entry & L2_RESERVED != 0 {
+                self.report.corruption(format!(
+                    "ERROR L2 table at {offset:#x} entry {i} ({entry:#x}) has reserved bits set"
+                ));
+            }
             let host = entry & L2_OFFSET_MASK;
             // In an external data file guest cluster 0 sits at offset 0: the
             // COPIED flag is what says it is allocated.
@@ -416,11 +431,12 @@ impl<'a> Walk<'a> {
             if !allocated {
                 continue;
             }
+            // Still counted as allocated and referenced from its (unaligned)
+            // offset on, as qemu-img counts it.
             if host % cs != 0 {
                 self.report.corruption(format!(
                     "ERROR L2 table at {offset:#x} entry {i}: data offset {host:#x} is not cluster aligned"
                 ));
-                continue;
             }
             if active {
                 self.report.allocated_clusters += 1;
@@ -432,7 +448,7 @@ impl<'a> Walk<'a> {
             // With an external data file, offsets name clusters of that file.
             if !self.external_data() {
                 self.add_ref(host, cs, "data cluster");
-                if active {
+                if check_copied {
                     self.copied.push((
                         host >> self.cluster_bits,
                         entry & COPIED != 0,
@@ -533,27 +549,42 @@ impl<'a> Walk<'a> {
         let table = self.refcount_table();
         let file_clusters = self.file_len.div_ceil(cs);
         let end = file_clusters.max(self.refs.len() as u64);
+        // None: the block cannot be used (unaligned, outside the file or
+        // unreadable), so the refcounts it holds are unknown.
         let mut blocks: HashMap<usize, Option<Vec<u8>>> = HashMap::new();
         let mut refcounts: HashMap<u64, u64> = HashMap::new();
+        let mut unknown = std::collections::HashSet::new();
         let copied_clusters: std::collections::HashSet<u64> =
             self.copied.iter().map(|c| c.0).collect();
-        let mut last_used = 0;
+        // qemu-img reports at least one cluster of image end.
+        let mut last_used = 1;
         for c in 0..end {
             let ti = (c / per_block) as usize;
-            let block = match table.get(ti) {
-                Some(&off) if off != 0 && off % cs == 0 && off < self.file_len => blocks
-                    .entry(ti)
-                    .or_insert_with(|| {
+            let rc = match table.get(ti) {
+                None | Some(0) => 0,
+                Some(&off) => {
+                    let block = blocks.entry(ti).or_insert_with(|| {
+                        if off % cs != 0 || off >= self.file_len {
+                            return None;
+                        }
                         let mut b = vec![0u8; cs as usize];
                         let n = (self.file_len - off).min(cs) as usize;
                         self.storage.read_at(&mut b[..n], off).ok().map(|_| b)
-                    })
-                    .as_deref(),
-                _ => None,
+                    });
+                    match block {
+                        Some(b) => refcount::get(b, order, (c % per_block) as usize),
+                        None => {
+                            unknown.insert(c);
+                            self.report.check_errors += 1;
+                            self.report
+                                .note(format!("ERROR cannot read the refcount of cluster {c}"));
+                            continue;
+                        }
+                    }
+                }
             };
-            let rc = block.map_or(0, |b| refcount::get(b, order, (c % per_block) as usize));
             let references = u64::from(self.refs.get(c as usize).copied().unwrap_or(0));
-            if references > 0 {
+            if (references > 0 || rc > 0) && c < file_clusters {
                 last_used = c + 1;
             }
             if rc < references {
@@ -572,11 +603,21 @@ impl<'a> Walk<'a> {
             }
         }
         self.report.image_end_offset = last_used * cs;
+        for (ti, &block) in table.iter().enumerate() {
+            let c = block >> self.cluster_bits;
+            let references = self.refs.get(c as usize).copied().unwrap_or(0);
+            if block % cs == 0 && block != 0 && references > 1 {
+                self.report.corruption(format!(
+                    "ERROR refcount block {ti} at {block:#x} is referenced {references} times"
+                ));
+            }
+        }
         let copied = std::mem::take(&mut self.copied);
-        for (c, flag, what) in copied {
+        for (c, flag, what) in copied.into_iter().filter(|c| !unknown.contains(&c.0)) {
             let rc = refcounts.get(&c).copied().unwrap_or(0);
-            // A refcount of 0 is already a corruption; don't count it twice.
-            if rc != 0 && flag != (rc == 1) {
+            // Counted even when the refcount is 0 (already a corruption), as
+            // qemu-img counts it.
+            if flag != (rc == 1) {
                 self.report.corruption(format!(
                     "ERROR OFLAG_COPIED {what} at cluster {c}: refcount={rc} but COPIED is {}",
                     if flag { "set" } else { "clear" }
