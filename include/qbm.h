@@ -57,6 +57,17 @@
 #define QBM_BITMAP_UNSUPPORTED (1 << 2)
 
 /**
+ * `qbm_check` flag: lower the refcount of leaked clusters (read-write images).
+ */
+#define QBM_CHECK_REPAIR_LEAKS (1 << 0)
+
+/**
+ * `qbm_check` flag: remove bitmaps found in use (inconsistent) at open; their
+ * content is lost for good (read-write images).
+ */
+#define QBM_CHECK_REMOVE_INCONSISTENT (1 << 1)
+
+/**
  * `qbm_image_info.flags`: the image is open read-write.
  */
 #define QBM_IMAGE_WRITABLE (1 << 0)
@@ -162,6 +173,54 @@ struct qbm_bitmap_info {
    * Dirty bytes (0 unless the bitmap is usable).
    */
   uint64_t dirty_bytes;
+};
+
+/**
+ * What `qbm_check` found, counted as `qemu-img check` counts it.
+ */
+struct qbm_check_result {
+  /**
+   * `sizeof(struct qbm_check_result)` as the caller compiled it.
+   */
+  size_t struct_size;
+  /**
+   * Clusters referenced more often than their refcount, and broken entries.
+   */
+  uint64_t corruptions;
+  /**
+   * Clusters whose refcount is above their references (left after repair).
+   */
+  uint64_t leaks;
+  /**
+   * Metadata that could not be read.
+   */
+  uint64_t check_errors;
+  /**
+   * Leaked clusters repaired by this call.
+   */
+  uint64_t leaks_fixed;
+  /**
+   * Bitmaps flagged in use (inconsistent) that remain.
+   */
+  uint64_t inconsistent_bitmaps;
+  /**
+   * Inconsistent bitmaps removed by this call.
+   */
+  uint64_t removed_bitmaps;
+  /**
+   * End of the last cluster in use, in bytes.
+   */
+  uint64_t image_end_offset;
+  /**
+   * Guest clusters (virtual size / cluster size, rounded up).
+   */
+  uint64_t total_clusters;
+  /**
+   * Guest clusters with data.
+   */
+  uint64_t allocated_clusters;
+  uint64_t fragmented_clusters;
+  uint64_t compressed_clusters;
 };
 
 #ifdef __cplusplus
@@ -295,6 +354,16 @@ int qbm_bitmap_next_extent(struct qbm_image *img,
                            uint64_t from,
                            uint64_t *start,
                            uint64_t *length);
+
+/**
+ * Recomputes every cluster's references (header, L1/L2 tables, snapshots,
+ * refcount structures, bitmap directory, tables and data) and compares them
+ * with the refcounts, as `qemu-img check` does; fills `*result`. A writable
+ * image is flushed first. `flags` (`QBM_CHECK_*`) asks for repairs, which
+ * need a read-write image. Returns 0 when the check ran (read the counts),
+ * a negative errno when it could not.
+ */
+int qbm_check(struct qbm_image *img, uint32_t flags, struct qbm_check_result *result);
 
 #ifdef __cplusplus
 }  // extern "C"

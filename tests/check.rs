@@ -377,7 +377,7 @@ fn mutations() -> Vec<Mutation> {
             |l| {
                 let (_, at) = l.l2_entry(1);
                 let len = std::fs::metadata(&l.path).unwrap().len();
-                l.put_u64(at, (len.div_ceil(l.cs) + 10) * l.cs | 1 << 63);
+                l.put_u64(at, ((len.div_ceil(l.cs) + 10) * l.cs) | (1 << 63));
             },
         ),
         ("corruption: L1 entry points at the header", |l| {

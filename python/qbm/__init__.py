@@ -43,6 +43,7 @@ __all__ = [
     "Image",
     "ImageInfo",
     "BitmapInfo",
+    "CheckResult",
     "QbmError",
     "BitmapNotFound",
     "NotFound",
@@ -65,6 +66,8 @@ __all__ = [
     "BITMAP_IN_USE",
     "BITMAP_UNSUPPORTED",
     "IMAGE_WRITABLE",
+    "CHECK_REPAIR_LEAKS",
+    "CHECK_REMOVE_INCONSISTENT",
     "NAME_MAX",
 ]
 
@@ -96,6 +99,10 @@ BITMAP_IN_USE = 1 << 1
 BITMAP_UNSUPPORTED = 1 << 2
 #: ``qbm_image_info.flags``: the image is open read-write.
 IMAGE_WRITABLE = 1 << 0
+#: ``qbm_check`` flag: lower the refcount of leaked clusters.
+CHECK_REPAIR_LEAKS = 1 << 0
+#: ``qbm_check`` flag: remove bitmaps found in use (inconsistent) at open.
+CHECK_REMOVE_INCONSISTENT = 1 << 1
 #: Longest bitmap name in bytes.
 NAME_MAX = 1023
 
@@ -188,6 +195,27 @@ class _BitmapInfo(ctypes.Structure):
     ]
 
 
+class _CheckResult(ctypes.Structure):
+    """``struct qbm_check_result``."""
+
+    _fields_ = [("struct_size", ctypes.c_size_t)] + [
+        (name, ctypes.c_uint64)
+        for name in (
+            "corruptions",
+            "leaks",
+            "check_errors",
+            "leaks_fixed",
+            "inconsistent_bitmaps",
+            "removed_bitmaps",
+            "image_end_offset",
+            "total_clusters",
+            "allocated_clusters",
+            "fragmented_clusters",
+            "compressed_clusters",
+        )
+    ]
+
+
 class _Handle(ctypes.Structure):
     """``struct qbm_image`` (opaque)."""
 
@@ -223,6 +251,7 @@ _PROTOTYPES = {
     "qbm_mark_dirty": (_int, [_HandleP, _u64, _u64]),
     "qbm_bitmap_dirty_bytes": (_int, [_HandleP, _str, _u64p]),
     "qbm_bitmap_next_extent": (_int, [_HandleP, _str, _u64, _u64p, _u64p]),
+    "qbm_check": (_int, [_HandleP, _u32, ctypes.POINTER(_CheckResult)]),
 }
 
 
@@ -423,6 +452,35 @@ class BitmapInfo:
     dirty_bytes: int
 
 
+@dataclass(frozen=True)
+class CheckResult:
+    """What :meth:`Image.check` found (``struct qbm_check_result``), counted
+    as ``qemu-img check`` counts it."""
+
+    #: Clusters referenced more often than their refcount, and broken entries.
+    corruptions: int
+    #: Clusters whose refcount is above their references (after repair).
+    leaks: int
+    #: Metadata that could not be read.
+    check_errors: int
+    #: Leaked clusters repaired by this check.
+    leaks_fixed: int
+    #: Bitmaps flagged in use (inconsistent) that remain.
+    inconsistent_bitmaps: int
+    #: Inconsistent bitmaps removed by this check.
+    removed_bitmaps: int
+    image_end_offset: int
+    total_clusters: int
+    allocated_clusters: int
+    fragmented_clusters: int
+    compressed_clusters: int
+
+    @property
+    def consistent(self) -> bool:
+        """No corruption and no check error (leaks are harmless)."""
+        return self.corruptions == 0 and self.check_errors == 0
+
+
 # --------------------------------------------------------------------------
 # The image.
 
@@ -540,6 +598,20 @@ class Image:
         """Stores every changed bitmap (they stay flagged in_use while open)."""
         h = self._handle()
         _check(lib.qbm_flush(h), "qbm_flush")
+
+    def check(self, repair_leaks: bool = False, remove_inconsistent: bool = False) -> CheckResult:
+        """Recomputes every cluster's references and compares them with the
+        refcounts, as ``qemu-img check`` does. Repairs need a read-write image:
+        ``repair_leaks`` fixes leaked clusters, ``remove_inconsistent`` removes
+        bitmaps found in use at open (their content is lost for good)."""
+        h = self._handle()
+        flags = (CHECK_REPAIR_LEAKS if repair_leaks else 0) | (
+            CHECK_REMOVE_INCONSISTENT if remove_inconsistent else 0
+        )
+        r = _CheckResult()
+        r.struct_size = ctypes.sizeof(_CheckResult)
+        _check(lib.qbm_check(h, flags, ctypes.byref(r)), "qbm_check")
+        return CheckResult(**{name: getattr(r, name) for name, _ in _CheckResult._fields_[1:]})
 
     def info(self) -> ImageInfo:
         """Facts about the image."""

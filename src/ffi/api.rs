@@ -8,10 +8,10 @@ use super::guard::{
 };
 use super::types::*;
 use crate::error::Error;
-use crate::image::{CreateOptions, Image, OpenOptions};
+use crate::image::{CheckOptions, CreateOptions, Image, OpenOptions};
 use std::os::raw::{c_char, c_int};
 
-// SAFETY: all three are repr(C) plain data starting with `struct_size: usize`.
+// SAFETY: all four are repr(C) plain data starting with `struct_size: usize`.
 unsafe impl VersionedStruct for qbm_create_options {
     const NAME: &'static str = "qbm_create_options";
 }
@@ -22,6 +22,10 @@ unsafe impl VersionedStruct for qbm_image_info {
 // SAFETY: as above.
 unsafe impl VersionedStruct for qbm_bitmap_info {
     const NAME: &'static str = "qbm_bitmap_info";
+}
+// SAFETY: as above.
+unsafe impl VersionedStruct for qbm_check_result {
+    const NAME: &'static str = "qbm_check_result";
 }
 
 static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
@@ -384,5 +388,53 @@ pub extern "C" fn qbm_bitmap_next_extent(
             }
             None => Ok(0),
         }
+    })
+}
+
+/// Recomputes every cluster's references (header, L1/L2 tables, snapshots,
+/// refcount structures, bitmap directory, tables and data) and compares them
+/// with the refcounts, as `qemu-img check` does; fills `*result`. A writable
+/// image is flushed first. `flags` (`QBM_CHECK_*`) asks for repairs, which
+/// need a read-write image. Returns 0 when the check ran (read the counts),
+/// a negative errno when it could not.
+#[no_mangle]
+pub extern "C" fn qbm_check(
+    img: *mut qbm_image,
+    flags: u32,
+    result: *mut qbm_check_result,
+) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        let known = QBM_CHECK_REPAIR_LEAKS | QBM_CHECK_REMOVE_INCONSISTENT;
+        if flags & !known != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "unknown qbm_check flags {:#x}",
+                flags & !known
+            )));
+        }
+        // Validate the output struct before any repair writes.
+        write_sized(result, qbm_check_result::default())?;
+        let r = h.image.check(CheckOptions {
+            repair_leaks: flags & QBM_CHECK_REPAIR_LEAKS != 0,
+            remove_inconsistent: flags & QBM_CHECK_REMOVE_INCONSISTENT != 0,
+        })?;
+        write_sized(
+            result,
+            qbm_check_result {
+                struct_size: 0,
+                corruptions: r.corruptions,
+                leaks: r.leaks,
+                check_errors: r.check_errors,
+                leaks_fixed: r.leaks_fixed,
+                inconsistent_bitmaps: r.inconsistent_bitmaps.len() as u64,
+                removed_bitmaps: r.removed_bitmaps.len() as u64,
+                image_end_offset: r.image_end_offset,
+                total_clusters: r.total_clusters,
+                allocated_clusters: r.allocated_clusters,
+                fragmented_clusters: r.fragmented_clusters,
+                compressed_clusters: r.compressed_clusters,
+            },
+        )?;
+        Ok(0)
     })
 }

@@ -25,6 +25,12 @@ pub const QBM_BITMAP_IN_USE: u32 = 1 << 1;
 /// understand; it is preserved but cannot be used or changed.
 pub const QBM_BITMAP_UNSUPPORTED: u32 = 1 << 2;
 
+/// `qbm_check` flag: lower the refcount of leaked clusters (read-write images).
+pub const QBM_CHECK_REPAIR_LEAKS: u32 = 1 << 0;
+/// `qbm_check` flag: remove bitmaps found in use (inconsistent) at open; their
+/// content is lost for good (read-write images).
+pub const QBM_CHECK_REMOVE_INCONSISTENT: u32 = 1 << 1;
+
 /// `qbm_image_info.flags`: the image is open read-write.
 pub const QBM_IMAGE_WRITABLE: u32 = 1 << 0;
 
@@ -96,4 +102,32 @@ pub struct qbm_bitmap_info {
     pub extra_data_size: u32,
     /// Dirty bytes (0 unless the bitmap is usable).
     pub dirty_bytes: u64,
+}
+
+/// What `qbm_check` found, counted as `qemu-img check` counts it.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct qbm_check_result {
+    /// `sizeof(struct qbm_check_result)` as the caller compiled it.
+    pub struct_size: usize,
+    /// Clusters referenced more often than their refcount, and broken entries.
+    pub corruptions: u64,
+    /// Clusters whose refcount is above their references (left after repair).
+    pub leaks: u64,
+    /// Metadata that could not be read.
+    pub check_errors: u64,
+    /// Leaked clusters repaired by this call.
+    pub leaks_fixed: u64,
+    /// Bitmaps flagged in use (inconsistent) that remain.
+    pub inconsistent_bitmaps: u64,
+    /// Inconsistent bitmaps removed by this call.
+    pub removed_bitmaps: u64,
+    /// End of the last cluster in use, in bytes.
+    pub image_end_offset: u64,
+    /// Guest clusters (virtual size / cluster size, rounded up).
+    pub total_clusters: u64,
+    /// Guest clusters with data.
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
 }
