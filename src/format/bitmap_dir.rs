@@ -139,7 +139,7 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
     for i in 0..nb {
         if at + ENTRY_FIXED_LEN > buf.len() {
             return corrupt!(
-                "bitmap directory entry {i} at byte {at} runs past the directory size {}",
+                "bitmap directory entry {i} at byte {at} runs past the bitmap_directory_size {} (nb_bitmaps {nb})",
                 buf.len()
             );
         }

@@ -36,7 +36,9 @@ impl TableEntry {
             return Err("has both an offset and the all-ones flag".into());
         }
         if offset % cluster_size != 0 {
-            return Err(format!("points at {offset:#x}, which is not cluster aligned"));
+            return Err(format!(
+                "points at {offset:#x}, which is not cluster aligned"
+            ));
         }
         Ok(TableEntry::Data(offset))
     }
@@ -53,15 +55,13 @@ impl TableEntry {
 /// Decodes a whole table; `what` names the bitmap in errors.
 pub fn parse(buf: &[u8], cluster_size: u64, what: &str) -> Result<Vec<TableEntry>> {
     (0..buf.len() / 8)
-        .map(
-            |i| {
-                let raw = be64(buf, i * 8);
-                match TableEntry::decode(raw, cluster_size) {
-                    Ok(e) => Ok(e),
-                    Err(m) => corrupt!("{what}: table entry {i} ({raw:#018x}) {m}"),
-                }
-            },
-        )
+        .map(|i| {
+            let raw = be64(buf, i * 8);
+            match TableEntry::decode(raw, cluster_size) {
+                Ok(e) => Ok(e),
+                Err(m) => corrupt!("{what}: table entry {i} ({raw:#018x}) {m}"),
+            }
+        })
         .collect()
 }
 

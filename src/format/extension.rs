@@ -46,9 +46,7 @@ pub fn parse_all_before(
     let mut at = start;
     loop {
         if at + 8 > limit {
-            return corrupt!(
-                "header extension at {at:#x} {past} (no end marker)"
-            );
+            return corrupt!("header extension at {at:#x} {past} (no end marker)");
         }
         let magic = be32(cluster0, at);
         let len = be32(cluster0, at + 4) as usize;
@@ -59,9 +57,7 @@ pub fn parse_all_before(
         let end = match data_start.checked_add(len) {
             Some(end) if end <= limit => end,
             _ => {
-                return corrupt!(
-                    "header extension {magic:#010x} at {at:#x} of length {len} {past}"
-                )
+                return corrupt!("header extension {magic:#010x} at {at:#x} of length {len} {past}")
             }
         };
         let known = [

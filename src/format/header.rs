@@ -182,7 +182,10 @@ impl Header {
             );
         }
         if h.l1_size > 0 && h.l1_table_offset == 0 {
-            return corrupt!("l1_table_offset is 0 (cluster 0) for an L1 table of {} entries", h.l1_size);
+            return corrupt!(
+                "l1_table_offset is 0 (cluster 0) for an L1 table of {} entries",
+                h.l1_size
+            );
         }
         if h.nb_snapshots > MAX_SNAPSHOTS {
             return corrupt!(
@@ -191,7 +194,10 @@ impl Header {
             );
         }
         if h.nb_snapshots > 0 && h.snapshots_offset == 0 {
-            return corrupt!("snapshots_offset is 0 (cluster 0) for {} snapshots", h.nb_snapshots);
+            return corrupt!(
+                "snapshots_offset is 0 (cluster 0) for {} snapshots",
+                h.nb_snapshots
+            );
         }
         if h.backing_file_offset != 0 {
             if h.backing_file_size > MAX_BACKING_NAME {

@@ -289,8 +289,7 @@ impl State {
         let header = Header::parse(&c0)?;
         c0.truncate(header.cluster_size() as usize);
         let backing_at = (header.backing_file_offset != 0).then_some(header.backing_file_offset);
-        let extensions =
-            extension::parse_all_before(&c0, header.extensions_start(), backing_at)?;
+        let extensions = extension::parse_all_before(&c0, header.extensions_start(), backing_at)?;
         let unknown = header.unknown_incompatible();
         if unknown != 0 {
             return Err(Error::NotSupported(format!(
