@@ -139,7 +139,7 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
     for i in 0..nb {
         if at + ENTRY_FIXED_LEN > buf.len() {
             return corrupt!(
-                "bitmap directory entry {i} at byte {at} runs past the directory size {}",
+                "bitmap directory entry {i} at byte {at} runs past the bitmap_directory_size {} (nb_bitmaps {nb})",
                 buf.len()
             );
         }
@@ -158,7 +158,7 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
             Some(end) if end <= buf.len() => end,
             _ => {
                 return corrupt!(
-                    "bitmap directory entry {i} (extra_data_size {extra_size}, name_size {name_size}) runs past the directory size {}",
+                    "bitmap directory entry {i} (extra_data_size {extra_size}, name_size {name_size}) runs past the bitmap_directory_size {}",
                     buf.len()
                 )
             }
@@ -185,6 +185,9 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
         let what = format!("bitmap '{}' (directory entry {i})", entry.name);
         if name_size == 0 || name_size > MAX_NAME_SIZE {
             return corrupt!("{what}: name_size {name_size} out of range 1..={MAX_NAME_SIZE}");
+        }
+        if entry.name_bytes().contains(&0) {
+            return corrupt!("{what}: the name contains a NUL byte");
         }
         if flags & !FLAGS_KNOWN != 0 {
             return corrupt!(
@@ -217,6 +220,12 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
         }
         out.push(entry);
         at = end;
+    }
+    if at != buf.len() {
+        return corrupt!(
+            "bitmap_directory_size {} does not match the {at} bytes of its nb_bitmaps {nb} entries",
+            buf.len()
+        );
     }
     Ok(out)
 }

@@ -22,7 +22,7 @@ pub enum TableEntry {
 impl TableEntry {
     pub fn decode(raw: u64, cluster_size: u64) -> std::result::Result<TableEntry, String> {
         if raw & RESERVED_MASK != 0 {
-            return Err(format!("entry {raw:#018x} has reserved bits set"));
+            return Err("has reserved bits set".into());
         }
         let offset = raw & OFFSET_MASK;
         if offset == 0 {
@@ -33,13 +33,11 @@ impl TableEntry {
             });
         }
         if raw & ALL_ONES_FLAG != 0 {
-            return Err(format!(
-                "entry {raw:#018x} has both an offset and the all-ones flag"
-            ));
+            return Err("has both an offset and the all-ones flag".into());
         }
         if offset % cluster_size != 0 {
             return Err(format!(
-                "entry {raw:#018x}: offset {offset:#x} is not cluster aligned"
+                "points at {offset:#x}, which is not cluster aligned"
             ));
         }
         Ok(TableEntry::Data(offset))
@@ -57,12 +55,13 @@ impl TableEntry {
 /// Decodes a whole table; `what` names the bitmap in errors.
 pub fn parse(buf: &[u8], cluster_size: u64, what: &str) -> Result<Vec<TableEntry>> {
     (0..buf.len() / 8)
-        .map(
-            |i| match TableEntry::decode(be64(buf, i * 8), cluster_size) {
+        .map(|i| {
+            let raw = be64(buf, i * 8);
+            match TableEntry::decode(raw, cluster_size) {
                 Ok(e) => Ok(e),
-                Err(m) => corrupt!("{what}: bitmap table {m} (index {i})"),
-            },
-        )
+                Err(m) => corrupt!("{what}: table entry {i} ({raw:#018x}) {m}"),
+            }
+        })
         .collect()
 }
 

@@ -23,11 +23,30 @@ pub struct Extension {
 /// Parses the extension list of `cluster0` starting at `start`, up to the end
 /// marker. Every extension must lie inside `cluster0`.
 pub fn parse_all(cluster0: &[u8], start: usize) -> Result<Vec<Extension>> {
+    parse_all_before(cluster0, start, None)
+}
+
+/// Like `parse_all`, but the list (with its end marker) must also end before
+/// `backing_name` (the backing file name's offset), which follows it.
+pub fn parse_all_before(
+    cluster0: &[u8],
+    start: usize,
+    backing_name: Option<u64>,
+) -> Result<Vec<Extension>> {
+    let limit = match backing_name {
+        Some(at) if at < cluster0.len() as u64 => at as usize,
+        _ => cluster0.len(),
+    };
+    let past = if limit < cluster0.len() {
+        format!("runs into the backing file name at {limit:#x}")
+    } else {
+        format!("runs past cluster 0 (the end of the file or cluster at {limit:#x})")
+    };
     let mut out = Vec::new();
     let mut at = start;
     loop {
-        if at + 8 > cluster0.len() {
-            return corrupt!("header extension at {at:#x} runs past cluster 0 (no end marker)");
+        if at + 8 > limit {
+            return corrupt!("header extension at {at:#x} {past} (no end marker)");
         }
         let magic = be32(cluster0, at);
         let len = be32(cluster0, at + 4) as usize;
@@ -36,11 +55,9 @@ pub fn parse_all(cluster0: &[u8], start: usize) -> Result<Vec<Extension>> {
         }
         let data_start = at + 8;
         let end = match data_start.checked_add(len) {
-            Some(end) if end <= cluster0.len() => end,
+            Some(end) if end <= limit => end,
             _ => {
-                return corrupt!(
-                    "header extension {magic:#010x} at {at:#x} of length {len} runs past cluster 0"
-                )
+                return corrupt!("header extension {magic:#010x} at {at:#x} of length {len} {past}")
             }
         };
         let known = [

@@ -11,6 +11,12 @@ pub const V3_BASE_LEN: u32 = 104;
 pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
 pub const MAX_BACKING_NAME: u32 = 1023;
+/// QEMU's bounds on the active L1 table (32 MiB) and the refcount table
+/// (8 MiB), checked before either is read.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
+/// QEMU's bound on the number of snapshots.
+pub const MAX_SNAPSHOTS: u32 = 65536;
 
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -145,7 +151,53 @@ impl Header {
             }
         }
         if h.refcount_table_offset == 0 || h.refcount_table_clusters == 0 {
-            return corrupt!("image has no refcount table");
+            return corrupt!(
+                "image has no refcount table (refcount_table_offset {:#x}, refcount_table_clusters {})",
+                h.refcount_table_offset,
+                h.refcount_table_clusters
+            );
+        }
+        let rt_bytes = u64::from(h.refcount_table_clusters) * cluster_size;
+        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
+            return corrupt!(
+                "refcount_table_clusters {}: a refcount table of {rt_bytes} bytes exceeds the limit of {MAX_REFCOUNT_TABLE_BYTES}",
+                h.refcount_table_clusters
+            );
+        }
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return corrupt!(
+                "l1_size {}: an L1 table of {l1_bytes} bytes exceeds the limit of {MAX_L1_BYTES}",
+                h.l1_size
+            );
+        }
+        // Each L1 entry maps one L2 table of cluster_size / 8 entries.
+        let l1_span = cluster_size * (cluster_size / 8);
+        let l1_needed = h.size.div_ceil(l1_span);
+        if u64::from(h.l1_size) < l1_needed {
+            return corrupt!(
+                "l1_size {} is too small for a disk of size {} ({l1_needed} entries needed)",
+                h.l1_size,
+                h.size
+            );
+        }
+        if h.l1_size > 0 && h.l1_table_offset == 0 {
+            return corrupt!(
+                "l1_table_offset is 0 (cluster 0) for an L1 table of {} entries",
+                h.l1_size
+            );
+        }
+        if h.nb_snapshots > MAX_SNAPSHOTS {
+            return corrupt!(
+                "nb_snapshots {} exceeds the limit of {MAX_SNAPSHOTS}",
+                h.nb_snapshots
+            );
+        }
+        if h.nb_snapshots > 0 && h.snapshots_offset == 0 {
+            return corrupt!(
+                "snapshots_offset is 0 (cluster 0) for {} snapshots",
+                h.nb_snapshots
+            );
         }
         if h.backing_file_offset != 0 {
             if h.backing_file_size > MAX_BACKING_NAME {

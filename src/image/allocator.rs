@@ -42,13 +42,13 @@ impl Allocator {
         let cluster_size = 1u64 << cluster_bits;
         let bytes = u64::from(table_clusters) * cluster_size;
         if bytes > MAX_TABLE_BYTES {
-            return corrupt!("refcount table of {table_clusters} clusters exceeds the limit of {MAX_TABLE_BYTES} bytes");
+            return corrupt!("refcount_table_clusters {table_clusters}: a refcount table of {bytes} bytes exceeds the limit of {MAX_TABLE_BYTES}");
         }
         let file_len = storage
             .len()
             .map_err(|e| Error::io("reading the file size", e))?;
         if table_offset.saturating_add(bytes) > file_len {
-            return corrupt!("refcount table at {table_offset:#x} (+{bytes}) lies past the end of the file ({file_len})");
+            return corrupt!("refcount_table_offset {table_offset:#x} (+{bytes}) lies past the end of the file ({file_len})");
         }
         let mut buf = vec![0u8; bytes as usize];
         storage
@@ -58,10 +58,10 @@ impl Allocator {
         if let Some((i, &off)) = table
             .iter()
             .enumerate()
-            .find(|(_, &o)| o != 0 && o + cluster_size > file_len)
+            .find(|(_, &o)| o != 0 && o.saturating_add(cluster_size) > file_len)
         {
             return corrupt!(
-                "refcount table entry {i}: block offset {off:#x} lies past the end of the file"
+                "refcount table entry {i}: refcount block at {off:#x} lies past the end of the file ({file_len})"
             );
         }
         Ok(Allocator {
@@ -74,6 +74,15 @@ impl Allocator {
             pending: BTreeMap::new(),
             free_hint: 0,
         })
+    }
+
+    /// (refcount table index, block offset) of every block the table names.
+    pub fn block_offsets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.table
+            .iter()
+            .enumerate()
+            .filter(|(_, &o)| o != 0)
+            .map(|(i, &o)| (i, o))
     }
 
     pub fn table_offset(&self) -> u64 {

@@ -4,6 +4,7 @@
 //! clusters, flush; the new directory into fresh clusters, flush; cluster 0
 //! naming it, flush; only then are the old clusters freed.
 
+use super::layout::{self, Kind, Layout};
 use super::{Image, State};
 use crate::bitmap::DirtyBitmap;
 use crate::corrupt;
@@ -98,8 +99,11 @@ impl State {
     }
 
     /// Parses the directory named by the bitmaps extension and loads every
-    /// bitmap that is consistent and understood.
-    pub(super) fn load_bitmaps(&mut self, writable: bool) -> Result<()> {
+    /// bitmap that is consistent and understood. `layout` holds the
+    /// structures cluster 0 names; the directory and the bitmap tables and
+    /// data are added to it, and nothing is loaded unless no two of them
+    /// share a cluster and (read-write) every one has a refcount.
+    pub(super) fn load_bitmaps(&mut self, writable: bool, mut layout: Layout) -> Result<()> {
         let ext = self
             .extensions
             .iter()
@@ -107,20 +111,23 @@ impl State {
         let consistent = self.header.version == 3
             && self.header.autoclear_features & header::AUTOCLEAR_BITMAPS != 0;
         let ext = match (ext, consistent) {
-            (Some(e), true) => BitmapsExtension::parse(&e.data, self.cluster_size())?,
+            (Some(e), true) => Some(BitmapsExtension::parse(&e.data, self.cluster_size())?),
             // Stale: an older program opened the image read-write. Ignore it.
-            (Some(_), false) => return Ok(()),
+            (Some(_), false) => None,
             (None, true) if writable => {
                 return corrupt!(
                     "autoclear bit 0 (bitmaps) is set but there is no bitmaps extension"
                 )
             }
-            (None, _) => return Ok(()),
+            (None, _) => None,
+        };
+        let Some(ext) = ext else {
+            return self.check_layout(layout, &[], writable);
         };
         let file_len = self.file_len()?;
         if ext.directory_offset.saturating_add(ext.directory_size) > file_len {
             return corrupt!(
-                "bitmap directory at {:#x} (+{}) lies past the end of the file ({file_len})",
+                "bitmap_directory_offset {:#x} (bitmap_directory_size {}) lies past the end of the file ({file_len})",
                 ext.directory_offset,
                 ext.directory_size
             );
@@ -129,16 +136,51 @@ impl State {
         self.read(&mut dir, ext.directory_offset, "the bitmap directory")?;
         let entries =
             bitmap_dir::parse(&dir, ext.nb_bitmaps, self.header.size, self.cluster_size())?;
-        self.directory = Some((ext.directory_offset, ext.directory_size));
-        for entry in entries {
+        layout.add(ext.directory_offset, ext.directory_size, Kind::Directory);
+        // The tables of bitmaps that will be loaded, and on read-write opens
+        // every table: removing a bitmap frees what its table names.
+        let mut tables = Vec::with_capacity(entries.len());
+        for (b, entry) in entries.iter().enumerate() {
             let loadable = !entry.in_use() && !entry.has_incompatible_extra_data();
-            let (data, table) = if loadable {
-                let table = self.read_table(&entry)?;
-                (Some(Arc::new(self.load_data(&entry, &table)?)), Some(table))
+            let table = if loadable || writable {
+                let table = self.read_table(entry)?;
+                for (i, t) in table.iter().enumerate() {
+                    if let TableEntry::Data(off) = *t {
+                        layout.add(off, 1, Kind::BitmapData(b as u32, i as u32));
+                    }
+                }
+                Some(table)
             } else {
-                (None, None)
+                None
+            };
+            layout.add(
+                entry.table_offset,
+                u64::from(entry.table_size) * 8,
+                Kind::BitmapTable(b as u32),
+            );
+            tables.push(table.filter(|_| loadable));
+        }
+        let names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
+        self.check_layout(layout, &names, writable)?;
+        drop(names);
+        self.directory = Some((ext.directory_offset, ext.directory_size));
+        for (entry, table) in entries.into_iter().zip(tables) {
+            let (data, table) = match table {
+                Some(table) => (Some(Arc::new(self.load_data(&entry, &table)?)), Some(table)),
+                None => (None, None),
             };
             self.slots.push(Slot { entry, data, table });
+        }
+        Ok(())
+    }
+
+    /// No two structures share a cluster; on read-write opens, each has a refcount.
+    fn check_layout(&mut self, mut layout: Layout, names: &[String], writable: bool) -> Result<()> {
+        layout.check_overlaps(names)?;
+        if writable {
+            if let Some(alloc) = self.alloc.as_mut() {
+                layout::check_refcounts(&layout, alloc, self.storage.as_ref(), names)?;
+            }
         }
         Ok(())
     }
@@ -149,18 +191,24 @@ impl State {
         let file_len = self.file_len()?;
         if entry.table_offset.saturating_add(bytes) > file_len {
             return corrupt!(
-                "{what}: bitmap table at {:#x} (+{bytes}) lies past the end of the file ({file_len})",
-                entry.table_offset
+                "{what}: bitmap_table_offset {:#x} (bitmap_table_size {}) lies past the end of the file ({file_len})",
+                entry.table_offset,
+                entry.table_size
             );
         }
         let mut buf = vec![0u8; bytes as usize];
         self.read(&mut buf, entry.table_offset, &format!("{what} table"))?;
         let table = bitmap_table::parse(&buf, self.cluster_size(), &what)?;
         let cs = self.cluster_size();
+        let total = bitmap_dir::serialized_len(self.header.size, entry.granularity_bits);
         for (i, t) in table.iter().enumerate() {
             if let TableEntry::Data(off) = *t {
-                if off.saturating_add(cs) > file_len.next_multiple_of(cs) {
-                    return corrupt!("{what}: bitmap table entry {i} points at {off:#x}, past the end of the file");
+                // The bytes of this cluster that hold bitmap data must exist.
+                let need = cs.min(total.saturating_sub(i as u64 * cs));
+                if off.saturating_add(need) > file_len {
+                    return corrupt!(
+                        "{what}: table entry {i} ({off:#x}) lies past the end of the file ({file_len})"
+                    );
                 }
             }
         }

@@ -7,6 +7,7 @@ mod bitmaps;
 mod check;
 mod create;
 mod enabled;
+mod layout;
 mod lock;
 
 pub use bitmaps::{BitmapInfo, Extents};
@@ -289,7 +290,8 @@ impl State {
         }
         let header = Header::parse(&c0)?;
         c0.truncate(header.cluster_size() as usize);
-        let extensions = extension::parse_all(&c0, header.extensions_start())?;
+        let backing_at = (header.backing_file_offset != 0).then_some(header.backing_file_offset);
+        let extensions = extension::parse_all_before(&c0, header.extensions_start(), backing_at)?;
         let unknown = header.unknown_incompatible();
         if unknown != 0 {
             return Err(Error::NotSupported(format!(
@@ -320,6 +322,7 @@ impl State {
         } else {
             None
         };
+        let layout = layout::base(storage.as_ref(), &header, alloc.as_ref(), len)?;
         let mut st = State {
             storage,
             header,
@@ -332,7 +335,7 @@ impl State {
             pending_free: Vec::new(),
             closed: false,
         };
-        st.load_bitmaps(writable)?;
+        st.load_bitmaps(writable, layout)?;
         Ok(st)
     }
 
