@@ -134,6 +134,18 @@ pub fn check_bitmap_limits(
 /// Parses `nb` entries from the directory bytes and validates each against
 /// the disk size and cluster size. Every error names the entry.
 pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<Vec<DirEntry>> {
+    parse_with(buf, nb, disk_size, cluster_size, false)
+}
+
+/// `parse`, optionally accepting NUL bytes in names: QEMU reads such a name
+/// as a C string and opens the image, so the full check must too.
+pub fn parse_with(
+    buf: &[u8],
+    nb: u32,
+    disk_size: u64,
+    cluster_size: u64,
+    allow_nul: bool,
+) -> Result<Vec<DirEntry>> {
     let mut out: Vec<DirEntry> = Vec::new();
     let mut at = 0usize;
     for i in 0..nb {
@@ -186,7 +198,7 @@ pub fn parse(buf: &[u8], nb: u32, disk_size: u64, cluster_size: u64) -> Result<V
         if name_size == 0 || name_size > MAX_NAME_SIZE {
             return corrupt!("{what}: name_size {name_size} out of range 1..={MAX_NAME_SIZE}");
         }
-        if entry.name_bytes().contains(&0) {
+        if !allow_nul && entry.name_bytes().contains(&0) {
             return corrupt!("{what}: the name contains a NUL byte");
         }
         if flags & !FLAGS_KNOWN != 0 {

@@ -60,6 +60,20 @@ impl Header {
     /// Parses and validates the header at the start of `buf` (cluster 0, or as
     /// much of the file as exists when it is shorter).
     pub fn parse(buf: &[u8]) -> Result<Header> {
+        let h = Header::parse_fields(buf)?;
+        h.check_backing_name(buf.len(), false)?;
+        Ok(h)
+    }
+
+    /// `parse`, but accepting a backing file name that overlaps the header or
+    /// its extensions, as QEMU does: the full check must read such images.
+    pub fn parse_as_qemu(buf: &[u8]) -> Result<Header> {
+        let h = Header::parse_fields(buf)?;
+        h.check_backing_name(buf.len(), true)?;
+        Ok(h)
+    }
+
+    fn parse_fields(buf: &[u8]) -> Result<Header> {
         if buf.len() < 4 || be32(buf, 0) != MAGIC {
             let magic = buf
                 .iter()
@@ -199,28 +213,35 @@ impl Header {
                 h.nb_snapshots
             );
         }
-        if h.backing_file_offset != 0 {
-            if h.backing_file_size > MAX_BACKING_NAME {
+        Ok(h)
+    }
+
+    /// The backing file name lies in cluster 0 after the header, within the
+    /// `read_len` bytes read of a possibly truncated file.
+    fn check_backing_name(&self, read_len: usize, may_overlap_header: bool) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        if self.backing_file_offset != 0 {
+            if self.backing_file_size > MAX_BACKING_NAME {
                 return corrupt!(
                     "backing_file_size {} exceeds {MAX_BACKING_NAME}",
-                    h.backing_file_size
+                    self.backing_file_size
                 );
             }
-            let end = h
+            let end = self
                 .backing_file_offset
-                .saturating_add(u64::from(h.backing_file_size));
+                .saturating_add(u64::from(self.backing_file_size));
             // Within cluster 0 and within what was read (a truncated file).
-            if end > cluster_size.min(buf.len() as u64)
-                || h.backing_file_offset < u64::from(h.header_length)
+            if end > cluster_size.min(read_len as u64)
+                || (!may_overlap_header && self.backing_file_offset < u64::from(self.header_length))
             {
                 return corrupt!(
                     "backing file name at {:#x} (+{}) lies outside cluster 0 past the header",
-                    h.backing_file_offset,
-                    h.backing_file_size
+                    self.backing_file_offset,
+                    self.backing_file_size
                 );
             }
         }
-        Ok(h)
+        Ok(())
     }
 
     pub fn cluster_size(&self) -> u64 {

@@ -29,6 +29,7 @@ const SNAPSHOT_ENTRY_FIXED: usize = 40;
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
+const REFCOUNT_TABLE_RESERVED: u64 = 0x1ff;
 /// Bits 0-8 and 56-62 of an L1 entry; bits 1-8 and 56-61 of a standard L2 entry.
 const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
@@ -179,6 +180,39 @@ fn repair_leaks(st: &mut State, leaked: &[(u64, u64, u64)]) -> Result<u64> {
     Ok(leaked.len() as u64)
 }
 
+/// The header extensions as QEMU reads them to open an image: up to the end
+/// marker, the backing file name or the end of cluster 0, whichever comes
+/// first; a later copy of an extension replaces an earlier one. An extension
+/// running past that end makes the image unopenable, for QEMU as for us.
+fn extensions_as_qemu_reads(c0: &[u8], header: &Header) -> Result<Vec<Extension>> {
+    let limit = match header.backing_file_offset {
+        0 => c0.len(),
+        at => (at as usize).min(c0.len()),
+    };
+    let mut out: Vec<Extension> = Vec::new();
+    let mut at = header.extensions_start();
+    while at + 8 <= limit {
+        let magic = be32(c0, at);
+        let len = be32(c0, at + 4) as usize;
+        if magic == extension::END {
+            break;
+        }
+        let end = at + 8 + len;
+        if end > limit {
+            return Err(Error::Corrupt(format!(
+                "header extension {magic:#010x} at {at:#x} of length {len} runs past {limit:#x}"
+            )));
+        }
+        out.retain(|e| e.magic != magic);
+        out.push(Extension {
+            magic,
+            data: c0[at + 8..end].to_vec(),
+        });
+        at += 8 + pad8(len);
+    }
+    Ok(out)
+}
+
 /// One pass over the image's metadata.
 struct Walk<'a> {
     storage: &'a dyn Storage,
@@ -203,8 +237,16 @@ impl<'a> Walk<'a> {
         storage
             .read_at(&mut c0, 0)
             .map_err(|e| Error::io("reading the header", e))?;
-        let header = Header::parse(&c0)?;
+        let header = Header::parse_as_qemu(&c0)?;
+        let unknown = header.unknown_incompatible();
+        if unknown != 0 {
+            // qemu-img cannot open it either: nothing can be said of it.
+            return Err(Error::NotSupported(format!(
+                "unknown incompatible feature bits {unknown:#x}"
+            )));
+        }
         c0.truncate(header.cluster_size() as usize);
+        let exts = extensions_as_qemu_reads(&c0, &header)?;
         let mut walk = Walk {
             storage,
             cluster_bits: header.cluster_bits,
@@ -217,12 +259,7 @@ impl<'a> Walk<'a> {
         };
         walk.report.total_clusters = walk.header.size.div_ceil(walk.cluster_size());
         walk.add_ref(0, walk.cluster_size(), "header");
-        match extension::parse_all(&c0, walk.header.extensions_start()) {
-            Ok(exts) => walk.extensions(&exts),
-            Err(e) => walk
-                .report
-                .corruption(format!("ERROR header extensions: {e}")),
-        }
+        walk.extensions(&exts);
         let h = walk.header.clone();
         walk.l1_table(h.l1_table_offset, h.l1_size, true, "active L1 table");
         walk.snapshots();
@@ -319,7 +356,8 @@ impl<'a> Walk<'a> {
         let Some(buf) = self.read(ext.directory_offset, ext.directory_size as usize) else {
             return;
         };
-        let entries = match bitmap_dir::parse(&buf, ext.nb_bitmaps, self.header.size, cs) {
+        let entries = match bitmap_dir::parse_with(&buf, ext.nb_bitmaps, self.header.size, cs, true)
+        {
             Ok(entries) => entries,
             Err(e) => {
                 return self
@@ -508,7 +546,15 @@ impl<'a> Walk<'a> {
         let h = self.header.clone();
         let bytes = u64::from(h.refcount_table_clusters) * cs;
         self.add_ref(h.refcount_table_offset, bytes, "refcount table");
-        for (ti, block) in self.refcount_table().into_iter().enumerate() {
+        for (ti, raw) in self.refcount_table_raw().into_iter().enumerate() {
+            let block = raw & !REFCOUNT_TABLE_RESERVED;
+            if raw & REFCOUNT_TABLE_RESERVED != 0 {
+                // Its refcounts are still read; the block is not counted as used.
+                self.report.corruption(format!(
+                    "ERROR refcount table entry {ti} ({raw:#x}) has reserved bits set"
+                ));
+                continue;
+            }
             if block == 0 {
                 continue;
             }
@@ -528,8 +574,15 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// The refcount table's block offsets; bad entries read as unaligned.
+    /// The refcount table's block offsets, reserved bits dropped.
     fn refcount_table(&mut self) -> Vec<u64> {
+        self.refcount_table_raw()
+            .into_iter()
+            .map(|e| e & !REFCOUNT_TABLE_RESERVED)
+            .collect()
+    }
+
+    fn refcount_table_raw(&mut self) -> Vec<u64> {
         let h = &self.header;
         let bytes = (u64::from(h.refcount_table_clusters) << self.cluster_bits)
             .min(self.file_len.saturating_sub(h.refcount_table_offset));
@@ -537,9 +590,7 @@ impl<'a> Walk<'a> {
         let Some(buf) = self.read(offset, bytes as usize) else {
             return Vec::new();
         };
-        (0..buf.len() / 8)
-            .map(|i| be64(&buf, i * 8) & !0x1ff)
-            .collect()
+        (0..buf.len() / 8).map(|i| be64(&buf, i * 8)).collect()
     }
 
     fn compare_refcounts(&mut self) -> Result<()> {
