@@ -58,11 +58,23 @@ $(OUT)/c-tests/%: c-tests/%.c c-tests/util.h include/qbm.h lib
 	@mkdir -p $(dir $@)
 	$(CC) $(CWARN) $(CFLAGS) -o $@ $< $(CTEST_LINK)
 
+# The C tests run under valgrind when it is installed (`make check-c VALGRIND=`
+# runs them bare): any invalid access or definite/indirect leak fails the test
+# with rc 99. Children (QEMU's tools run by the tests) are not traced.
+VALGRIND   ?= $(if $(shell command -v valgrind 2>/dev/null),valgrind)
+VALGRIND_FLAGS := --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+	--show-leak-kinds=definite,indirect --trace-children=no -q \
+	--suppressions=$(abspath c-tests/valgrind.supp)
+VG_RUN     := $(if $(VALGRIND),$(VALGRIND) $(VALGRIND_FLAGS))
+
 check-c: lib $(C_TESTS)
-	@fail=0; for t in $(C_TESTS); do \
+	@$(if $(VALGRIND),echo "(C tests under $(VALGRIND); VALGRIND= to run them bare)",echo "(C tests without valgrind)"); \
+	fail=0; for t in $(C_TESTS); do \
 	  echo "== $$t"; \
-	  QBM_TEST_DIR=$$(mktemp -d) $$t; rc=$$?; \
-	  if [ $$rc = 77 ]; then echo "   skipped"; elif [ $$rc != 0 ]; then fail=1; fi; \
+	  QBM_TEST_DIR=$$(mktemp -d) $(VG_RUN) $$t; rc=$$?; \
+	  if [ $$rc = 77 ]; then echo "   skipped"; \
+	  elif [ $$rc = 99 ]; then echo "   FAILED: valgrind found errors (see above)"; fail=1; \
+	  elif [ $$rc != 0 ]; then echo "   FAILED (exit $$rc)"; fail=1; fi; \
 	done; exit $$fail
 
 check-python: lib

@@ -203,7 +203,7 @@ int main(void)
     check_bitmap(img, 2, "c", 512, QBM_BITMAP_ENABLED, 512);
     err_msg(qbm_bitmap_enable(img, "nope"), -ENOENT, "nope");
     err_msg(qbm_bitmap_disable(img, "nope"), -ENOENT, "nope");
-    err(qbm_bitmap_enable(img, ""), -ENOENT); /* looking up a name no bitmap can have */
+    err_msg(qbm_bitmap_enable(img, ""), -EINVAL, "empty"); /* a name no bitmap can have: a bad argument */
     err(qbm_bitmap_disable(img, "\xff"), -EINVAL); /* not UTF-8 */
 
     /* Rename: the bits and settings follow the name. */
@@ -226,7 +226,7 @@ int main(void)
     ok(qbm_bitmap_remove(img, max_name));
     err(qbm_bitmap_remove(img, max_name), -ENOENT);
     err_msg(qbm_bitmap_remove(img, "nope"), -ENOENT, "nope");
-    err(qbm_bitmap_remove(img, ""), -ENOENT);
+    err_msg(qbm_bitmap_remove(img, ""), -EINVAL, "empty");
     /* A removed name can be added again, then removed again. */
     ok(qbm_bitmap_add(img, "tmp", 0, 0));
     ok(qbm_bitmap_remove(img, "tmp"));

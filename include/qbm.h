@@ -85,8 +85,10 @@
 struct qbm_image;
 
 /**
- * Options for `qbm_create`. Set `struct_size` to `sizeof(struct qbm_create_options)`;
- * fields a caller's older, shorter struct lacks take their defaults.
+ * Options for `qbm_create`. Set `struct_size` to `sizeof(struct qbm_create_options)`
+ * (later versions accept this size and give the fields they add their defaults).
+ * A `struct_size` below this version's size or above 4096 is -EINVAL, and so
+ * is a longer struct with a non-zero byte past the fields this version knows.
  */
 struct qbm_create_options {
   /**
@@ -112,7 +114,9 @@ struct qbm_create_options {
 };
 
 /**
- * Facts about an open image, filled by `qbm_image_get_info`.
+ * Facts about an open image, filled by `qbm_image_get_info`. A `struct_size`
+ * below this version's size or above 4096 is -EINVAL; bytes of a longer
+ * struct past the fields this version knows are left alone.
  */
 struct qbm_image_info {
   /**
@@ -146,7 +150,8 @@ struct qbm_image_info {
 };
 
 /**
- * One bitmap, filled by `qbm_bitmap_get_info`.
+ * One bitmap, filled by `qbm_bitmap_get_info`; `struct_size` as for
+ * `struct qbm_image_info`.
  */
 struct qbm_bitmap_info {
   /**

@@ -120,6 +120,11 @@ pub(crate) unsafe trait VersionedStruct: Copy {
     const NAME: &'static str;
 }
 
+/// Largest `struct_size` believed: a bigger one is an uninitialised field,
+/// not a struct from a newer header (as Linux's `copy_struct_from_user`
+/// refuses sizes past a page).
+pub(crate) const STRUCT_SIZE_MAX: usize = 4096;
+
 fn caller_size<T: VersionedStruct>(p: *const T) -> Result<usize> {
     if p.is_null() {
         return Err(invalid(format!("struct {} pointer is NULL", T::NAME)));
@@ -134,12 +139,32 @@ fn caller_size<T: VersionedStruct>(p: *const T) -> Result<usize> {
             std::mem::size_of::<T>()
         )));
     }
+    if size > STRUCT_SIZE_MAX {
+        return Err(invalid(format!(
+            "struct {}.struct_size is {size}, more than {STRUCT_SIZE_MAX}: not set (expected {})",
+            T::NAME,
+            std::mem::size_of::<T>()
+        )));
+    }
     Ok(size)
 }
 
-/// Reads a size-versioned input struct.
+/// Reads a size-versioned input struct. A caller's longer struct (a newer
+/// header) is accepted only if the fields this version does not know are 0:
+/// an option it cannot honour must not be ignored silently.
 pub(crate) fn read_sized<T: VersionedStruct>(p: *const T) -> Result<T> {
-    caller_size(p)?;
+    let size = caller_size(p)?;
+    let ours = std::mem::size_of::<T>();
+    // SAFETY: the caller's struct is `size` bytes (checked >= ours and
+    // bounded above); the tail is read as bytes only.
+    let tail = unsafe { std::slice::from_raw_parts((p as *const u8).add(ours), size - ours) };
+    if let Some(at) = tail.iter().position(|&b| b != 0) {
+        return Err(invalid(format!(
+            "struct {}: byte {} is not 0, but this version of libqbm knows only the first {ours} bytes (struct_size {size})",
+            T::NAME,
+            ours + at
+        )));
+    }
     // SAFETY: the caller's struct is at least size_of::<T>() bytes (checked above).
     Ok(unsafe { *p })
 }

@@ -49,8 +49,10 @@ pub struct qbm_image {
 
 pub(crate) const HANDLE_MAGIC: u64 = 0x7162_6d5f_696d_6721;
 
-/// Options for `qbm_create`. Set `struct_size` to `sizeof(struct qbm_create_options)`;
-/// fields a caller's older, shorter struct lacks take their defaults.
+/// Options for `qbm_create`. Set `struct_size` to `sizeof(struct qbm_create_options)`
+/// (later versions accept this size and give the fields they add their defaults).
+/// A `struct_size` below this version's size or above 4096 is -EINVAL, and so
+/// is a longer struct with a non-zero byte past the fields this version knows.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct qbm_create_options {
@@ -66,7 +68,9 @@ pub struct qbm_create_options {
     pub flags: u32,
 }
 
-/// Facts about an open image, filled by `qbm_image_get_info`.
+/// Facts about an open image, filled by `qbm_image_get_info`. A `struct_size`
+/// below this version's size or above 4096 is -EINVAL; bytes of a longer
+/// struct past the fields this version knows are left alone.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct qbm_image_info {
@@ -86,7 +90,8 @@ pub struct qbm_image_info {
     pub flags: u32,
 }
 
-/// One bitmap, filled by `qbm_bitmap_get_info`.
+/// One bitmap, filled by `qbm_bitmap_get_info`; `struct_size` as for
+/// `struct qbm_image_info`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct qbm_bitmap_info {

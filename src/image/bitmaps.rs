@@ -487,6 +487,9 @@ fn table_clusters(table_offset: u64, table: &[TableEntry], cs: u64) -> Vec<(u64,
 
 impl State {
     fn find(&self, name: &str) -> Result<usize> {
+        // A name no bitmap can have (empty, too long) is a bad argument, not
+        // a missing bitmap: the directory parser refuses such names on disk.
+        bitmap_dir::validate_name(name).map_err(Error::InvalidArgument)?;
         self.slots
             .iter()
             .position(|s| s.entry.name == name)
