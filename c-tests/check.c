@@ -49,6 +49,21 @@ static void crash_with_bitmap(void)
     expect(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
+/* The whole file, for comparing before and after a refused call. */
+static char *slurp(const char *path, long *len)
+{
+    FILE *f = fopen(path, "rb");
+    expect(f != NULL);
+    expect(fseek(f, 0, SEEK_END) == 0);
+    *len = ftell(f);
+    rewind(f);
+    char *buf = malloc((size_t)*len + 1);
+    expect(buf != NULL);
+    expect(fread(buf, 1, (size_t)*len, f) == (size_t)*len);
+    fclose(f);
+    return buf;
+}
+
 static void expect_check(struct qbm_image *img, uint32_t flags, uint64_t leaks, uint64_t fixed,
                          uint64_t inconsistent, uint64_t removed)
 {
@@ -102,9 +117,21 @@ int main(void)
     ok(qbm_close(img));
 
     /* Read-write: each flag repairs its own part only. */
+    long before_len, after_len;
+    char *before = slurp(path, &before_len);
     img = open_image("c.qcow2", QBM_OPEN_RDWR);
+    ok(qbm_flush(img)); /* the open's own in_use writes are done */
+    free(before);
+    before = slurp(path, &before_len);
     r.struct_size = 8;
     err_msg(qbm_check(img, QBM_CHECK_REPAIR_LEAKS, &r), -EINVAL, "struct_size");
+    r.struct_size = SIZE_MAX;
+    err_msg(qbm_check(img, QBM_CHECK_REPAIR_LEAKS | QBM_CHECK_REMOVE_INCONSISTENT, &r), -EINVAL, "struct_size");
+    err_msg(qbm_check(img, QBM_CHECK_REPAIR_LEAKS | (1u << 9), &r), -EINVAL, "flags");
+    char *after = slurp(path, &after_len);
+    expect(before_len == after_len && memcmp(before, after, (size_t)before_len) == 0);
+    free(before);
+    free(after);
     expect_check(img, 0, 1, 0, 1, 0);
     expect_check(img, QBM_CHECK_REPAIR_LEAKS, 0, 1, 1, 0);
     expect_check(img, QBM_CHECK_REMOVE_INCONSISTENT, 0, 0, 0, 1);
@@ -116,5 +143,5 @@ int main(void)
     if (qemu_img_available()) {
         expect(run_cmd("qemu-img check -q '%s'", path) == 0);
     }
-    return test_pass("check", "leak and in-use bitmap found and repaired");
+    return test_pass("check", " (a leak and an in-use bitmap found and repaired)");
 }
