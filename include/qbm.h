@@ -111,6 +111,15 @@ struct qbm_create_options {
    * Reserved, must be 0.
    */
   uint32_t flags;
+  /**
+   * NULL, or an existing raw file holding the guest data: the new image
+   * is its metadata companion (external data file, data-file-raw) and the
+   * raw file is never written. A `virtual_size` of 0 then means the raw
+   * file's size. The name is stored as given, and QEMU resolves a relative
+   * name against its working directory: give an absolute path. (Added in
+   * 0.2; callers compiled against 0.1 pass the shorter struct.)
+   */
+  const char *data_file;
 };
 
 /**

@@ -14,6 +14,7 @@ use std::os::raw::{c_char, c_int};
 // SAFETY: all four are repr(C) plain data starting with `struct_size: usize`.
 unsafe impl VersionedStruct for qbm_create_options {
     const NAME: &'static str = "qbm_create_options";
+    const MIN_SIZE: usize = std::mem::offset_of!(qbm_create_options, data_file);
 }
 // SAFETY: as above.
 unsafe impl VersionedStruct for qbm_image_info {
@@ -109,6 +110,10 @@ pub extern "C" fn qbm_create(
                 defaults.refcount_bits
             } else {
                 o.refcount_bits
+            },
+            data_file: match o.data_file.is_null() {
+                true => None,
+                false => Some(string(o.data_file, "data file name")?.into()),
             },
         };
         let image = Image::create(path, &opts)?;
