@@ -165,6 +165,7 @@ class _CreateOptions(ctypes.Structure):
         ("cluster_size", ctypes.c_uint64),
         ("refcount_bits", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
+        ("data_file", ctypes.c_char_p),
     ]
 
 
@@ -524,15 +525,20 @@ class Image:
     def create(
         cls,
         path: StrPath,
-        size: int,
+        size: int = 0,
         cluster_size: int = 65536,
         refcount_bits: int = 16,
+        data_file: Optional[StrPath] = None,
     ) -> "Image":
         """Creates a new qcow2 v3 image of ``size`` bytes at ``path`` (which
         must not exist) and returns it open read-write.
 
         ``cluster_size``: a power of two from 512 to 2 MiB; ``refcount_bits``:
-        1, 2, 4, 8, 16, 32 or 64.
+        1, 2, 4, 8, 16, 32 or 64. ``data_file``: an existing raw disk whose
+        metadata companion the image becomes (its guest data stays in the raw
+        file, which is never written); ``size`` 0 then means the raw file's
+        size. Give an absolute path: QEMU resolves a relative one against its
+        working directory.
         """
         p = _path(path)
         opts = _CreateOptions()
@@ -541,6 +547,7 @@ class Image:
         opts.cluster_size = _uint(cluster_size, "cluster_size")
         opts.refcount_bits = _uint(refcount_bits, "refcount_bits", 0xFFFFFFFF)
         opts.flags = 0
+        opts.data_file = None if data_file is None else _path(data_file)
         h = _HandleP()
         _check(lib.qbm_create(p, ctypes.byref(opts), ctypes.byref(h)), "qbm_create")
         return cls(h, path)
