@@ -276,11 +276,7 @@ impl State {
 
         // 3. Cluster 0 names the new directory.
         let (exts, autoclear) = self.bitmaps_extensions(new_dir);
-        let (header, bytes) = self.encode_cluster0(&exts, autoclear)?;
-        self.write(&bytes, 0, "the header")?;
-        self.flush_storage()?;
-        self.header = header;
-        self.extensions = exts;
+        self.commit_cluster0(exts, autoclear)?;
 
         // 4. The new directory is durable: what only the old one named is garbage.
         if let Some((offset, size)) = self.directory.take() {
@@ -336,9 +332,7 @@ impl State {
                 (exts, autoclear | header::AUTOCLEAR_BITMAPS)
             }
             None => {
-                if let Some(p) = pos {
-                    exts.remove(p);
-                }
+                super::drop_bitmaps_extension(&mut exts);
                 (exts, autoclear & !header::AUTOCLEAR_BITMAPS)
             }
         }

@@ -3,6 +3,9 @@
 //! header poking.
 #![allow(dead_code)]
 
+pub mod cut_check;
+pub mod fault_storage;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
