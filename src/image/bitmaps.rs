@@ -297,15 +297,22 @@ impl State {
         self.free_pending()
     }
 
-    /// Frees clusters no durable metadata names any more. On failure the
-    /// image stays valid and the clusters leak (qemu-img check -r leaks).
+    /// Frees clusters no durable metadata names any more. The store they
+    /// follow is durable, so a failure here does not fail it: the image
+    /// stays valid, the clusters leak (qemu-img check -r leaks), and the
+    /// refcounts are read again. Retrying could free a cluster twice.
     fn free_pending(&mut self) -> Result<()> {
         let pieces = std::mem::take(&mut self.pending_free);
         let storage = self.storage.as_ref();
-        self.alloc
+        let freed = self
+            .alloc
             .as_mut()
             .expect("writable")
-            .free_all(storage, &pieces)
+            .free_all(storage, &pieces);
+        if freed.is_err() {
+            self.reload_allocator();
+        }
+        Ok(())
     }
 
     /// The extension list and autoclear bits with the bitmaps extension set

@@ -138,7 +138,12 @@ impl Image {
             let mut st = image.lock()?;
             if options.writable {
                 if let Err(e) = st.open_for_writing() {
-                    // Nothing more may be written for a refused open.
+                    // The bitmaps may already be flagged in_use on disk: when
+                    // the disk works again, store them without the flag.
+                    // Nothing else is written for a refused open.
+                    if matches!(e, Error::Io { .. }) {
+                        let _ = st.persist(true);
+                    }
                     st.closed = true;
                     return Err(e.context(name));
                 }
@@ -529,7 +534,36 @@ impl State {
             .alloc
             .as_mut()
             .ok_or_else(|| Error::ReadOnly("image is opened read-only".into()))?;
-        alloc.allocate(self.storage.as_ref(), n)
+        let result = alloc.allocate(self.storage.as_ref(), n);
+        if result.is_err() {
+            self.reload_allocator();
+        }
+        result
+    }
+
+    /// After a failed refcount update the cached blocks and table may say
+    /// more than the disk does (a block the table on disk does not name, a
+    /// refcount never written): forget them and read the truth again.
+    /// Best effort: if that fails too, the cache stays as it is.
+    pub(super) fn reload_allocator(&mut self) {
+        if self.alloc.is_none() {
+            return;
+        }
+        let mut fields = [0u8; 12];
+        if self.storage.read_at(&mut fields, 48).is_err() {
+            return;
+        }
+        let offset = be64(&fields, 0);
+        let clusters = be32(&fields, 8);
+        if let Ok(a) = Allocator::load(
+            self.storage.as_ref(),
+            self.header.cluster_bits,
+            self.header.refcount_order,
+            offset,
+            clusters,
+        ) {
+            self.alloc = Some(a);
+        }
     }
 }
 
