@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::cut_check::{snapshot_of_bytes, verify_cut_image, BitmapState, Expected, Snapshot};
+use common::cut_check::{snapshot_of, snapshot_of_bytes, verify_cut_image, BitmapState, Expected, Snapshot};
 use common::fault_storage::{for_each_cut, Cut, CutPoint, RecordingStorage};
 use common::*;
 use qbm::image::{Image, OpenOptions};
@@ -29,18 +29,30 @@ struct Scenario {
     name: &'static str,
     base: Vec<u8>,
     /// Runs on an image opened read-write on the recording storage; the
-    /// harness closes it afterwards.
-    run: Box<dyn Fn(&Image) + Send + Sync>,
+    /// harness closes it afterwards. Returns the states it made durable on
+    /// the way (with flushes), besides the old and the new one.
+    run: Box<dyn Fn(&Image) -> Vec<Snapshot> + Send + Sync>,
     /// The bitmaps once the run is complete.
     new: Snapshot,
     /// Random-subset images tried per cut point.
     random_per_cut: u64,
 }
 
+/// A run that makes no durable state of its own before the close.
+fn plain(
+    f: impl Fn(&Image) + Send + Sync + 'static,
+) -> Box<dyn Fn(&Image) -> Vec<Snapshot> + Send + Sync> {
+    Box::new(move |img| {
+        f(img);
+        Vec::new()
+    })
+}
+
 fn model_state(m: &Model, enabled: bool) -> BitmapState {
     BitmapState {
         granularity: m.granularity,
         enabled,
+        in_use: false,
         extents: m.extents(),
     }
 }
@@ -126,7 +138,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
     out.push(Scenario {
         name: "open+close",
         base: std_base.clone(),
-        run: Box::new(|_| {}),
+        run: plain(|_| {}),
         new: std_old.clone(),
         random_per_cut: 12,
     });
@@ -135,7 +147,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
     out.push(Scenario {
         name: "add",
         base: std_base.clone(),
-        run: Box::new(move |img| {
+        run: plain(move |img| {
             img.add_bitmap("new", Some(65536), true).unwrap();
             for &(o, l) in &added {
                 img.set_range("new", o, l).unwrap();
@@ -154,7 +166,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
     out.push(Scenario {
         name: "remove",
         base: std_base.clone(),
-        run: Box::new(|img| img.remove_bitmap("b").unwrap()),
+        run: plain(|img| img.remove_bitmap("b").unwrap()),
         new: with(&|s| {
             s.remove("b");
         }),
@@ -164,7 +176,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
     out.push(Scenario {
         name: "clear",
         base: std_base.clone(),
-        run: Box::new(|img| img.clear_bitmap("b").unwrap()),
+        run: plain(|img| img.clear_bitmap("b").unwrap()),
         new: with(&|s| s.get_mut("b").unwrap().extents.clear()),
         random_per_cut: 12,
     });
@@ -172,7 +184,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
     out.push(Scenario {
         name: "merge",
         base: std_base.clone(),
-        run: Box::new(|img| {
+        run: plain(|img| {
             img.set_range("c", 900 * MIB, 5 * MIB).unwrap();
             img.merge_bitmap("a", img, "c").unwrap();
             img.merge_bitmap("b", img, "a").unwrap();
@@ -194,7 +206,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
     out.push(Scenario {
         name: "rename",
         base: std_base.clone(),
-        run: Box::new(|img| img.rename_bitmap("a", "a-renamed-longer").unwrap()),
+        run: plain(|img| img.rename_bitmap("a", "a-renamed-longer").unwrap()),
         new: with(&|s| {
             let a = s.remove("a").unwrap();
             s.insert("a-renamed-longer".into(), a);
@@ -205,7 +217,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
     out.push(Scenario {
         name: "disable+enable",
         base: std_base.clone(),
-        run: Box::new(|img| {
+        run: plain(|img| {
             img.disable_bitmap("b").unwrap();
             img.enable_bitmap("c").unwrap();
         }),
@@ -216,11 +228,90 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         random_per_cut: 12,
     });
 
+    // Several stores in one session: freed clusters are reused while the
+    // frees before them may still be unflushed.
+    out.push(Scenario {
+        name: "flush cycles",
+        base: std_base.clone(),
+        run: Box::new(|img| {
+            let mut between = Vec::new();
+            img.set_range("a", 5 * MIB, 1).unwrap();
+            img.flush().unwrap();
+            between.push(snapshot_of(img));
+            img.remove_bitmap("b").unwrap();
+            img.flush().unwrap();
+            between.push(snapshot_of(img));
+            img.add_bitmap("b2", Some(4096), false).unwrap();
+            img.set_range("b2", 0, 10 * MIB).unwrap();
+            img.flush().unwrap();
+            between.push(snapshot_of(img));
+            img.clear_bitmap("c").unwrap();
+            img.merge_bitmap("a", img, "b2").unwrap();
+            between
+        }),
+        new: with(&|s| {
+            s.remove("b");
+            let mut b2 = Model::new(size, 4096);
+            b2.mark(0, 10 * MIB);
+            let mut a = model_of(size, &s["a"]);
+            a.mark(5 * MIB, 1);
+            a.merge(&b2);
+            s.get_mut("a").unwrap().extents = a.extents();
+            s.get_mut("c").unwrap().extents.clear();
+            s.insert("b2".into(), model_state(&b2, false));
+        }),
+        random_per_cut: 12,
+    });
+
+    // A bitmap left in_use by a crash can only be removed; its clusters
+    // are freed from its table.
+    {
+        let st = qbm::storage::MemoryStorage::new(std_base.clone());
+        let shared = std::sync::Arc::new(st);
+        struct Shared(std::sync::Arc<qbm::storage::MemoryStorage>);
+        impl qbm::storage::Storage for Shared {
+            fn read_at(&self, b: &mut [u8], o: u64) -> std::io::Result<()> {
+                self.0.read_at(b, o)
+            }
+            fn write_at(&self, b: &[u8], o: u64) -> std::io::Result<()> {
+                self.0.write_at(b, o)
+            }
+            fn flush(&self) -> std::io::Result<()> {
+                self.0.flush()
+            }
+            fn len(&self) -> std::io::Result<u64> {
+                self.0.len()
+            }
+            fn set_len(&self, l: u64) -> std::io::Result<()> {
+                self.0.set_len(l)
+            }
+        }
+        let img = Image::open_storage(
+            Box::new(Shared(shared.clone())),
+            "crashed",
+            OpenOptions::read_write(),
+        )
+        .unwrap();
+        // A crash: the handle is never closed, the bitmaps stay in_use.
+        std::mem::forget(img);
+        let base = shared.contents();
+        let mut new = snapshot_of_bytes(&base);
+        assert!(new.values().all(|b| b.in_use), "setup: bitmaps in_use");
+        new.remove("b");
+        out.push(Scenario {
+            name: "remove in_use",
+            base,
+            run: plain(|img| img.remove_bitmap("b").unwrap()),
+            new,
+            random_per_cut: 12,
+        });
+    }
+
     // The last bitmap goes: the extension and autoclear bit 0 go with it.
     out.push(Scenario {
         name: "remove all",
         base: std_base.clone(),
-        run: Box::new(|img| {
+        run: plain(|img| {
             for n in ["a", "b", "c"] {
                 img.remove_bitmap(n).unwrap();
             }
@@ -240,7 +331,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         out.push(Scenario {
             name: "first add",
             base,
-            run: Box::new(|img| {
+            run: plain(|img| {
                 img.add_bitmap("first", Some(4096), true).unwrap();
                 img.set_range("first", 12345, 678).unwrap();
             }),
@@ -265,7 +356,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         out.push(Scenario {
             name: "first add, backing",
             base,
-            run: Box::new(|img| {
+            run: plain(|img| {
                 img.add_bitmap("first", None, true).unwrap();
                 img.set_range("first", GIB - 1, 1).unwrap();
             }),
@@ -293,7 +384,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         out.push(Scenario {
             name: "dense store",
             base: big_base.clone(),
-            run: Box::new(move |img| {
+            run: plain(move |img| {
                 for &(o, l) in &ranges[..2000] {
                     img.set_range("big", o, l).unwrap();
                 }
@@ -311,7 +402,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         out.push(Scenario {
             name: "sparse store",
             base: big_base.clone(),
-            run: Box::new(move |img| {
+            run: plain(move |img| {
                 img.reset_range("big", 0, big).unwrap();
                 for &(o, l) in &ranges {
                     img.set_range("big", o, l).unwrap();
@@ -359,7 +450,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         out.push(Scenario {
             name: "refcount growth",
             base: std::fs::read(&f).unwrap(),
-            run: Box::new(move |img| {
+            run: plain(move |img| {
                 for (name, ranges) in &plan {
                     img.add_bitmap(name, Some(512), true).unwrap();
                     for &(o, l) in ranges {
@@ -418,7 +509,7 @@ fn run_scenario(s: &Scenario, old: &Snapshot, scratch: &Path) -> Row {
     let rec = RecordingStorage::new(s.base.clone());
     let img = Image::open_storage(Box::new(rec.clone()), s.name, OpenOptions::read_write())
         .unwrap_or_else(|e| panic!("{}: open: {e}", s.name));
-    (s.run)(&img);
+    let between = (s.run)(&img);
     img.close()
         .unwrap_or_else(|e| panic!("{}: close: {e}", s.name));
     let final_bytes = rec.contents();
@@ -437,14 +528,16 @@ fn run_scenario(s: &Scenario, old: &Snapshot, scratch: &Path) -> Row {
     .info()
     .unwrap()
     .backing_file;
+    let mut states = vec![old.clone(), s.new.clone()];
+    states.extend(between);
     let states = Expected {
-        states: vec![old.clone(), s.new.clone()],
+        states,
         backing_file,
     };
     let v = verify_cut_image(&final_bytes, &states, scratch, s.name);
     assert_eq!(
         (v.leaks, v.in_use),
-        (0, 0),
+        (0, s.new.values().filter(|b| b.in_use).count()),
         "{}: the completed run leaks or leaves bitmaps in use",
         s.name
     );
@@ -533,7 +626,15 @@ fn crash_at_every_write() {
                     let Some((s, old)) = queue.lock().unwrap().pop() else {
                         break;
                     };
-                    let row = run_scenario(s, old, &scratch);
+                    let row = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_scenario(s, old, &scratch)
+                    }))
+                        .unwrap_or_else(|e| Row {
+                            name: s.name,
+                            failed: 1,
+                            failures: vec![format!("{}: the run: {}", s.name, panic_message(&e))],
+                            ..Row::default()
+                        });
                     rows.lock().unwrap().push(row);
                 }
             });
