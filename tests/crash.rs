@@ -9,7 +9,9 @@
 
 mod common;
 
-use common::cut_check::{snapshot_of, snapshot_of_bytes, verify_cut_image, BitmapState, Expected, Snapshot};
+use common::cut_check::{
+    snapshot_of, snapshot_of_bytes, verify_cut_image, BitmapState, Expected, Snapshot,
+};
 use common::fault_storage::{for_each_cut, Cut, CutPoint, RecordingStorage};
 use common::*;
 use qbm::image::{Image, OpenOptions};
@@ -24,6 +26,9 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
+/// A scenario's actions; returns the states it made durable on the way.
+type RunFn = Box<dyn Fn(&Image) -> Vec<Snapshot> + Send + Sync>;
+
 /// One recorded run and what it must lead to.
 struct Scenario {
     name: &'static str,
@@ -31,7 +36,7 @@ struct Scenario {
     /// Runs on an image opened read-write on the recording storage; the
     /// harness closes it afterwards. Returns the states it made durable on
     /// the way (with flushes), besides the old and the new one.
-    run: Box<dyn Fn(&Image) -> Vec<Snapshot> + Send + Sync>,
+    run: RunFn,
     /// The bitmaps once the run is complete.
     new: Snapshot,
     /// Random-subset images tried per cut point.
@@ -39,9 +44,7 @@ struct Scenario {
 }
 
 /// A run that makes no durable state of its own before the close.
-fn plain(
-    f: impl Fn(&Image) + Send + Sync + 'static,
-) -> Box<dyn Fn(&Image) -> Vec<Snapshot> + Send + Sync> {
+fn plain(f: impl Fn(&Image) + Send + Sync + 'static) -> RunFn {
     Box::new(move |img| {
         f(img);
         Vec::new()
@@ -140,7 +143,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         base: std_base.clone(),
         run: plain(|_| {}),
         new: std_old.clone(),
-        random_per_cut: 12,
+        random_per_cut: 24,
     });
 
     let added = [(3 * MIB, 5000), (700 * MIB + 1, 65536 * 3)];
@@ -160,7 +163,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
             }
             s.insert("new".into(), model_state(&m, true));
         }),
-        random_per_cut: 12,
+        random_per_cut: 24,
     });
 
     out.push(Scenario {
@@ -170,7 +173,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         new: with(&|s| {
             s.remove("b");
         }),
-        random_per_cut: 12,
+        random_per_cut: 24,
     });
 
     out.push(Scenario {
@@ -178,7 +181,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         base: std_base.clone(),
         run: plain(|img| img.clear_bitmap("b").unwrap()),
         new: with(&|s| s.get_mut("b").unwrap().extents.clear()),
-        random_per_cut: 12,
+        random_per_cut: 24,
     });
 
     out.push(Scenario {
@@ -200,7 +203,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
             s.get_mut("b").unwrap().extents = b.extents();
             s.get_mut("c").unwrap().extents = c.extents();
         }),
-        random_per_cut: 12,
+        random_per_cut: 24,
     });
 
     out.push(Scenario {
@@ -211,7 +214,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
             let a = s.remove("a").unwrap();
             s.insert("a-renamed-longer".into(), a);
         }),
-        random_per_cut: 12,
+        random_per_cut: 24,
     });
 
     out.push(Scenario {
@@ -225,7 +228,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
             s.get_mut("b").unwrap().enabled = false;
             s.get_mut("c").unwrap().enabled = true;
         }),
-        random_per_cut: 12,
+        random_per_cut: 24,
     });
 
     // Several stores in one session: freed clusters are reused while the
@@ -260,7 +263,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
             s.get_mut("c").unwrap().extents.clear();
             s.insert("b2".into(), model_state(&b2, false));
         }),
-        random_per_cut: 12,
+        random_per_cut: 24,
     });
 
     // A bitmap left in_use by a crash can only be removed; its clusters
@@ -303,7 +306,44 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
             base,
             run: plain(|img| img.remove_bitmap("b").unwrap()),
             new,
-            random_per_cut: 12,
+            random_per_cut: 24,
+        });
+    }
+
+    // An unknown extension after the bitmaps extension (where QEMU puts
+    // unknown ones): removing every bitmap leaves the bitmaps extension in
+    // place, stale, rather than shifting the unknown one; a new bitmap
+    // reuses it in place.
+    {
+        let mut base = std_base.clone();
+        let (exts, end) = raw_extensions(&base);
+        assert_eq!(
+            exts.last().unwrap().magic,
+            0x2385_2875,
+            "setup: bitmaps last"
+        );
+        let unknown = [
+            0x12u8, 0x34, 0x56, 0x78, 0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0,
+        ];
+        base[end..end + 16].copy_from_slice(&unknown);
+        base[end + 16..end + 24].fill(0);
+        let mut again = Model::new(size, 65536);
+        again.mark(77 * MIB, 3);
+        out.push(Scenario {
+            name: "unknown ext after",
+            base,
+            run: Box::new(|img| {
+                for n in ["a", "b", "c"] {
+                    img.remove_bitmap(n).unwrap();
+                }
+                img.flush().unwrap();
+                let between = vec![snapshot_of(img)];
+                img.add_bitmap("again", Some(65536), true).unwrap();
+                img.set_range("again", 77 * MIB, 3).unwrap();
+                between
+            }),
+            new: [("again".to_string(), model_state(&again, true))].into(),
+            random_per_cut: 24,
         });
     }
 
@@ -317,7 +357,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
             }
         }),
         new: Snapshot::new(),
-        random_per_cut: 12,
+        random_per_cut: 24,
     });
 
     // The first bitmap of an image: the extension and autoclear bit 0 appear.
@@ -336,7 +376,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
                 img.set_range("first", 12345, 678).unwrap();
             }),
             new: [("first".to_string(), model_state(&m, true))].into(),
-            random_per_cut: 12,
+            random_per_cut: 24,
         });
     }
 
@@ -361,7 +401,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
                 img.set_range("first", GIB - 1, 1).unwrap();
             }),
             new: [("first".to_string(), model_state(&m, true))].into(),
-            random_per_cut: 12,
+            random_per_cut: 24,
         });
     }
 
@@ -394,7 +434,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
                 }
             }),
             new: [("big".to_string(), model_state(&m, true))].into(),
-            random_per_cut: 3,
+            random_per_cut: 6,
         });
     }
     {
@@ -416,7 +456,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
                 model_state(&m, true)
             })]
             .into(),
-            random_per_cut: 3,
+            random_per_cut: 6,
         });
     }
 
@@ -459,7 +499,7 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
                 }
             }),
             new,
-            random_per_cut: 2,
+            random_per_cut: 4,
         });
     }
 
@@ -542,6 +582,14 @@ fn run_scenario(s: &Scenario, old: &Snapshot, scratch: &Path) -> Row {
         s.name
     );
 
+    if s.name == "unknown ext after" {
+        let (exts, _) = raw_extensions(&final_bytes);
+        assert!(
+            exts.iter()
+                .any(|e| e.magic == 0x1234_5678 && e.data == b"hello"),
+            "the unknown extension survives: {exts:?}"
+        );
+    }
     if s.name == "refcount growth" {
         let fields = |b: &[u8]| (be_u64(b, 48), be_u32(b, 56));
         assert_ne!(
@@ -629,12 +677,12 @@ fn crash_at_every_write() {
                     let row = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         run_scenario(s, old, &scratch)
                     }))
-                        .unwrap_or_else(|e| Row {
-                            name: s.name,
-                            failed: 1,
-                            failures: vec![format!("{}: the run: {}", s.name, panic_message(&e))],
-                            ..Row::default()
-                        });
+                    .unwrap_or_else(|e| Row {
+                        name: s.name,
+                        failed: 1,
+                        failures: vec![format!("{}: the run: {}", s.name, panic_message(&e))],
+                        ..Row::default()
+                    });
                     rows.lock().unwrap().push(row);
                 }
             });

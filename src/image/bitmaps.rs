@@ -2,7 +2,9 @@
 //!
 //! Store order (FORMAT.md section 5): new data clusters and tables into fresh
 //! clusters, flush; the new directory into fresh clusters, flush; cluster 0
-//! naming it, flush; only then are the old clusters freed.
+//! naming it, in tear-safe flushed steps (`State::commit_cluster0`); only
+//! then are the old clusters freed. tests/crash.rs cuts a run after every
+//! write to hold this.
 
 use super::{Image, State};
 use crate::bitmap::DirtyBitmap;

@@ -28,7 +28,11 @@ pub fn snapshot_of(img: &Image) -> Snapshot {
         .unwrap()
         .into_iter()
         .map(|b| {
-            assert!(b.usable || b.in_use, "bitmap '{}' is not usable: {b:?}", b.name);
+            assert!(
+                b.usable || b.in_use,
+                "bitmap '{}' is not usable: {b:?}",
+                b.name
+            );
             let extents = match b.in_use {
                 true => Vec::new(),
                 false => img.extents(&b.name).unwrap().collect(),
