@@ -27,6 +27,7 @@ struct Run {
     name: &'static str,
     base: Vec<u8>,
     steps: Vec<Step>,
+    backing_file: Option<String>,
 }
 
 /// What failed, for the summary.
@@ -78,7 +79,48 @@ fn std_run(dir: &TempDir) -> Run {
                     img.disable_bitmap("a").unwrap();
                 }),
             },
+            Step {
+                what: "remove all",
+                change: Box::new(|img| {
+                    for n in ["a", "c2", "n"] {
+                        img.remove_bitmap(n).unwrap();
+                    }
+                }),
+            },
+            Step {
+                what: "first add again",
+                change: Box::new(|img| {
+                    img.add_bitmap("z", Some(65536), false).unwrap();
+                    img.set_range("z", 0, 1).unwrap();
+                }),
+            },
         ],
+        backing_file: None,
+    }
+}
+
+/// An overlay whose backing file name sits right after the extensions:
+/// the first bitmap moves it.
+fn backing_run(dir: &TempDir) -> Run {
+    let back = dir.join("back.qcow2");
+    qemu_img_create(&back, 64 * MIB, 65536, 16);
+    let f = dir.join("overlay.qcow2");
+    run(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg("back.qcow2")
+        .arg(&f)
+        .current_dir(dir.path()));
+    Run {
+        name: "backing, first add",
+        base: std::fs::read(&f).unwrap(),
+        steps: vec![Step {
+            what: "add",
+            change: Box::new(|img| {
+                img.add_bitmap("first", None, true).unwrap();
+                img.set_range("first", 0, MIB).unwrap();
+            }),
+        }],
+        backing_file: Some("back.qcow2".into()),
     }
 }
 
@@ -110,6 +152,7 @@ fn growth_run(dir: &TempDir) -> Run {
         name: "refcount growth",
         base: std::fs::read(&f).unwrap(),
         steps,
+        backing_file: None,
     }
 }
 
@@ -192,7 +235,7 @@ fn faulty_run(
     );
     let expected = Expected {
         states: states.to_vec(),
-        backing_file: None,
+        backing_file: run.backing_file.clone(),
     };
     let st = FailingStorage::new(run.base.clone());
     if flush {
@@ -300,7 +343,7 @@ fn every_write_and_flush_fails_once() {
         "max leaks"
     );
     eprintln!("(in_use after a failed open: the count in parentheses)");
-    for run in [std_run(&dir), growth_run(&dir)] {
+    for run in [std_run(&dir), growth_run(&dir), backing_run(&dir)] {
         let (states, writes, flushes) = dry_run(&run);
         let mut tally = Tally::default();
         for (errno, sticky) in [(libc::ENOSPC, true), (libc::EIO, false)] {
