@@ -147,8 +147,10 @@ pub fn verify_cut_image(image: &[u8], expected: &Expected, scratch: &Path, ctx: 
     }
     drop(img);
 
-    // Our own check (refcount recomputation) joins here once it exists.
-
+    // Our check over the same bytes must find what qemu-img finds: no
+    // corruption, and the same number of leaked clusters.
+    let ours = qbm::image::check_storage(&qbm::storage::MemoryStorage::new(image.to_vec()))
+        .unwrap_or_else(|e| panic!("{ctx}: our check could not run: {e}"));
     std::fs::write(scratch, image).expect("write the cut image");
     let c = qemu_img_check_raw(scratch);
     assert!(
@@ -157,6 +159,15 @@ pub fn verify_cut_image(image: &[u8], expected: &Expected, scratch: &Path, ctx: 
         c.corruptions,
         c.check_errors,
         c.raw
+    );
+    assert!(
+        ours.is_consistent() && ours.leaks == c.leaks,
+        "{ctx}: our check says {} corruptions, {} leaks, {} check errors ({:?}); qemu-img {} leaks",
+        ours.corruptions,
+        ours.leaks,
+        ours.check_errors,
+        ours.messages,
+        c.leaks
     );
     verdict.leaks = c.leaks;
     verdict
