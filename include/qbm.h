@@ -370,6 +370,14 @@ int qbm_bitmap_next_extent(struct qbm_image *img,
                            uint64_t *length);
 
 /**
+ * Copies the image's external data file name (set for a raw-disk
+ * companion) into `buf` with a terminating NUL, truncated to `size` bytes
+ * as snprintf does, and returns the name's full length in bytes: 0 when the
+ * image has no data file. `buf` may be NULL when `size` is 0.
+ */
+int qbm_image_get_data_file(struct qbm_image *img, char *buf, size_t size);
+
+/**
  * Recomputes every cluster's references (header, L1/L2 tables, snapshots,
  * refcount structures, bitmap directory, tables and data) and compares them
  * with the refcounts, as `qemu-img check` does; fills `*result`. A writable

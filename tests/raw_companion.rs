@@ -186,3 +186,76 @@ fn bad_data_files_are_refused() {
     // The raw file was never written.
     assert_eq!(read_bytes(&small, 0, 4096), vec![0x40; 4096]);
 }
+
+/// The companion reports its data file, and both files are locked as QEMU
+/// locks them: while we hold the companion read-write, QEMU can write
+/// neither; while QEMU writes the raw file, we cannot open the companion
+/// read-write, and the refused open changes nothing. Force-share reads work
+/// throughout.
+#[test]
+fn companion_and_data_file_are_locked() {
+    if !have_tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = TempDir::new("raw-companion-locks");
+    let raw = raw_disk(&dir, "l.raw", 16 * MIB);
+    let img_path = dir.join("l.qcow2");
+    let img = companion(&img_path, &raw, 0, 65536);
+    img.add_bitmap("b", None, true).unwrap();
+    img.flush().unwrap();
+    assert_eq!(
+        img.info().unwrap().data_file.as_deref(),
+        Some(raw.to_str().unwrap())
+    );
+    let lock_error = |out: std::process::Output| {
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("Failed to get") && text.contains("lock"),
+            "{text}"
+        );
+    };
+    lock_error(run_output(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 4k"])
+            .arg(&raw),
+    ));
+    lock_error(run_output(
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write 0 4k"])
+            .arg(&img_path),
+    ));
+    run(Command::new("qemu-img").args(["info", "-U"]).arg(&img_path));
+    let shared = Image::open(
+        &img_path,
+        OpenOptions {
+            writable: false,
+            force_share: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(shared.bitmaps().unwrap().len(), 1);
+    shared.close().unwrap();
+    img.close().unwrap();
+
+    // QEMU holds the raw disk read-write: our read-write open is refused.
+    let before = fs::read(&img_path).unwrap();
+    let mut qemu = QemuIoSession::open_format(&raw, "raw", false);
+    let err = Image::open(&img_path, OpenOptions::read_write())
+        .err()
+        .expect("opened while QEMU writes the data file");
+    assert_eq!(err.errno(), libc::EBUSY, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("data file") && msg.contains("another process"),
+        "{msg}"
+    );
+    assert!(
+        fs::read(&img_path).unwrap() == before,
+        "the refused open wrote"
+    );
+    qemu.cmd("write -P 3 0 4k", "wrote");
+    qemu.quit();
+    // Free again: QEMU's own write through the companion works too.
+    qemu_io(&img_path, &["write 0 4k".to_string()]);
+}

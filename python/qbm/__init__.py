@@ -253,6 +253,7 @@ _PROTOTYPES = {
     "qbm_bitmap_dirty_bytes": (_int, [_HandleP, _str, _u64p]),
     "qbm_bitmap_next_extent": (_int, [_HandleP, _str, _u64, _u64p, _u64p]),
     "qbm_check": (_int, [_HandleP, _u32, ctypes.POINTER(_CheckResult)]),
+    "qbm_image_get_data_file": (_int, [_HandleP, ctypes.c_char_p, ctypes.c_size_t]),
 }
 
 
@@ -431,6 +432,8 @@ class ImageInfo:
     bitmap_count: int
     #: Whether the image is open read-write.
     writable: bool
+    #: The external data file's name for a raw-disk companion, else None.
+    data_file: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -633,7 +636,17 @@ class Image:
             version=i.version,
             bitmap_count=i.bitmap_count,
             writable=bool(i.flags & IMAGE_WRITABLE),
+            data_file=self._data_file(h),
         )
+
+    @staticmethod
+    def _data_file(h: "ctypes._Pointer[_Handle]") -> Optional[str]:
+        n = _check(lib.qbm_image_get_data_file(h, None, 0), "qbm_image_get_data_file")
+        if n == 0:
+            return None
+        buf = ctypes.create_string_buffer(n + 1)
+        _check(lib.qbm_image_get_data_file(h, buf, n + 1), "qbm_image_get_data_file")
+        return os.fsdecode(buf.value)
 
     @property
     def writable(self) -> bool:

@@ -30,6 +30,9 @@ def test_companion_takes_the_raw_size_and_leaves_it_untouched(tmp_path: Path) ->
         img.mark_dirty(2 * MiB, 1)
     with qbm.Image.open(tmp_path / "disk.qcow2") as img:
         assert list(img.extents("b")) == [(2 * MiB, 65536)]
+        assert img.info().data_file == str(raw.resolve())
+    with qbm.Image.create(tmp_path / "plain.qcow2", MiB) as img:
+        assert img.info().data_file is None
     assert hashlib.sha256(raw.read_bytes()).hexdigest() == digest
 
 

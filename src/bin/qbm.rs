@@ -231,6 +231,7 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
             "refcount-bits": info.refcount_bits,
             "version": info.version,
             "backing-filename": info.backing_file,
+            "data-file": info.data_file,
             "bitmaps": bitmaps.iter().map(bitmap_json).collect::<Vec<_>>(),
         });
         println!(
@@ -250,6 +251,9 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
     println!("qcow2 version: {}", info.version);
     if let Some(b) = &info.backing_file {
         println!("backing file: {b}");
+    }
+    if let Some(d) = &info.data_file {
+        println!("data file: {d}");
     }
     if bitmaps.is_empty() {
         println!("bitmaps: none");

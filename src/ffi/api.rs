@@ -396,6 +396,36 @@ pub extern "C" fn qbm_bitmap_next_extent(
     })
 }
 
+/// Copies the image's external data file name (set for a raw-disk
+/// companion) into `buf` with a terminating NUL, truncated to `size` bytes
+/// as snprintf does, and returns the name's full length in bytes: 0 when the
+/// image has no data file. `buf` may be NULL when `size` is 0.
+#[no_mangle]
+pub extern "C" fn qbm_image_get_data_file(
+    img: *mut qbm_image,
+    buf: *mut c_char,
+    size: usize,
+) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        if buf.is_null() && size != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "data file name buffer is NULL but its size is {size}"
+            )));
+        }
+        let name = h.image.info()?.data_file.unwrap_or_default();
+        if size > 0 {
+            let n = name.len().min(size - 1);
+            // SAFETY: the caller's buffer holds `size` bytes (> n).
+            unsafe {
+                std::ptr::copy_nonoverlapping(name.as_ptr(), buf as *mut u8, n);
+                *buf.add(n) = 0;
+            }
+        }
+        Ok(name.len() as c_int)
+    })
+}
+
 /// Recomputes every cluster's references (header, L1/L2 tables, snapshots,
 /// refcount structures, bitmap directory, tables and data) and compares them
 /// with the refcounts, as `qemu-img check` does; fills `*result`. A writable

@@ -99,9 +99,25 @@ impl Image {
                 return Err(e);
             }
         };
-        let mut image = Image::open_storage(Box::new(storage), &name, OpenOptions::read_write())?;
-        image._lock = Some(guard);
-        Ok(image)
+        let mut locks = vec![guard];
+        let storage = Box::new(storage);
+        let opened = Image::open_storage_with(storage, &name, OpenOptions::read_write(), |st| {
+            if let Some(guard) = super::lock_data_file(st, OpenOptions::read_write(), &name)? {
+                locks.push(guard);
+            }
+            Ok(())
+        });
+        match opened {
+            Ok(mut image) => {
+                image._locks = locks;
+                Ok(image)
+            }
+            Err(e) => {
+                // E.g. a VM holds the data file: leave nothing behind.
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
     }
 
     /// Formats `storage` (which must be empty) and opens it read-write.

@@ -22,7 +22,7 @@ use crate::storage::{FileStorage, Storage};
 use allocator::Allocator;
 use bitmaps::Slot;
 use enabled::EnabledSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 /// How to open an image.
@@ -58,6 +58,8 @@ pub struct ImageInfo {
     pub bitmap_count: usize,
     pub writable: bool,
     pub backing_file: Option<String>,
+    /// The external data file's name as stored, for a raw-disk companion.
+    pub data_file: Option<String>,
 }
 
 /// An open qcow2 image and its persistent dirty bitmaps.
@@ -67,8 +69,9 @@ pub struct Image {
     size: u64,
     state: Mutex<State>,
     enabled: EnabledSet,
-    /// Released when the image is dropped, after the state is stored.
-    _lock: Option<lock::LockGuard>,
+    /// The image's locks and its data file's; released when the image is
+    /// dropped, after the state is stored.
+    _locks: Vec<lock::LockGuard>,
 }
 
 /// Everything behind the management lock.
@@ -113,12 +116,19 @@ impl Image {
                 "{name}: not a regular file or block device"
             )));
         }
-        let guard = match options.force_share {
-            true => None,
-            false => Some(lock::lock(&file, options.writable, &name)?),
-        };
-        let mut image = Image::open_storage(Box::new(FileStorage::new(file)), &name, options)?;
-        image._lock = guard;
+        let mut locks = Vec::new();
+        if !options.force_share {
+            locks.push(lock::lock(&file, options.writable, &name)?);
+        }
+        // The data file is locked before anything is written to the image.
+        let storage = Box::new(FileStorage::new(file));
+        let mut image = Image::open_storage_with(storage, &name, options, |st| {
+            if let Some(guard) = lock_data_file(st, options, &name)? {
+                locks.push(guard);
+            }
+            Ok(())
+        })?;
+        image._locks = locks;
         Ok(image)
     }
 
@@ -128,14 +138,26 @@ impl Image {
         name: &str,
         options: OpenOptions,
     ) -> Result<Image> {
+        Image::open_storage_with(storage, name, options, |_| Ok(()))
+    }
+
+    /// `open_storage`, running `before_writing` on the loaded state before
+    /// a read-write open writes anything.
+    fn open_storage_with(
+        storage: Box<dyn Storage>,
+        name: &str,
+        options: OpenOptions,
+        before_writing: impl FnOnce(&State) -> Result<()>,
+    ) -> Result<Image> {
         let state = State::load(storage, options.writable).map_err(|e| e.context(name))?;
+        before_writing(&state)?;
         let image = Image {
             name: name.to_string(),
             writable: options.writable,
             size: state.header.size,
             state: Mutex::new(state),
             enabled: EnabledSet::default(),
-            _lock: None,
+            _locks: Vec::new(),
         };
         {
             let mut st = image.lock()?;
@@ -181,6 +203,9 @@ impl Image {
             writable: self.writable,
             backing_file: (!st.backing_name.is_empty())
                 .then(|| String::from_utf8_lossy(&st.backing_name).into_owned()),
+            data_file: st
+                .data_file_name()
+                .map(|p| p.to_string_lossy().into_owned()),
         })
     }
 
@@ -268,7 +293,38 @@ impl Drop for Image {
     }
 }
 
+/// Locks the external data file of a raw-disk companion as QEMU locks it
+/// (it is the same disk). A read-write open needs it; a read-only one reads
+/// the bitmaps without it when it is missing.
+fn lock_data_file(st: &State, options: OpenOptions, name: &str) -> Result<Option<lock::LockGuard>> {
+    let Some(path) = st.data_file_name() else {
+        return Ok(None);
+    };
+    if options.force_share {
+        return Ok(None);
+    }
+    let shown = format!("{name}: data file {}", path.display());
+    match std::fs::File::open(&path) {
+        Ok(file) => lock::lock(&file, options.writable, &shown).map(Some),
+        Err(e) if options.writable => Err(Error::io(format!("{shown}: cannot open"), e)),
+        Err(_) => Ok(None),
+    }
+}
+
 impl State {
+    /// The external data file's name, as stored (QEMU resolves a relative
+    /// one against the working directory, and so do we).
+    fn data_file_name(&self) -> Option<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        if self.header.incompatible_features & header::INCOMPAT_DATA_FILE == 0 {
+            return None;
+        }
+        self.extensions
+            .iter()
+            .find(|e| e.magic == extension::DATA_FILE)
+            .map(|e| PathBuf::from(std::ffi::OsStr::from_bytes(&e.data)))
+    }
+
     /// Reads and validates cluster 0, the refcount table (writable only) and
     /// the bitmap directory, and loads every usable bitmap.
     fn load(storage: Box<dyn Storage>, writable: bool) -> Result<State> {

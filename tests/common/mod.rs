@@ -838,8 +838,13 @@ pub struct QemuIoSession {
 impl QemuIoSession {
     /// `qemu-io -f qcow2 [-r] PATH`, proven open by a first command.
     pub fn open(path: &Path, read_only: bool) -> QemuIoSession {
+        QemuIoSession::open_format(path, "qcow2", read_only)
+    }
+
+    /// A session on an image of another format (e.g. a raw data file).
+    pub fn open_format(path: &Path, format: &str, read_only: bool) -> QemuIoSession {
         let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "qcow2"]);
+        cmd.args(["-f", format]);
         if read_only {
             cmd.arg("-r");
         }
