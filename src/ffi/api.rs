@@ -3,8 +3,8 @@
 //! API lacks.
 
 use super::guard::{
-    handle, last_error, out, read_sized, run, store_handle, string, take_handle, write_sized,
-    VersionedStruct,
+    copy_truncated, handle, last_error, out, read_sized, run, store_handle, string, take_handle,
+    write_sized, VersionedStruct,
 };
 use super::types::*;
 use crate::error::Error;
@@ -414,14 +414,7 @@ pub extern "C" fn qbm_image_get_data_file(
             )));
         }
         let name = h.image.info()?.data_file.unwrap_or_default();
-        if size > 0 {
-            let n = name.len().min(size - 1);
-            // SAFETY: the caller's buffer holds `size` bytes (> n).
-            unsafe {
-                std::ptr::copy_nonoverlapping(name.as_ptr(), buf as *mut u8, n);
-                *buf.add(n) = 0;
-            }
-        }
+        copy_truncated(name.as_bytes(), buf, size);
         Ok(name.len() as c_int)
     })
 }

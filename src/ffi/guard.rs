@@ -198,3 +198,17 @@ pub(crate) fn write_sized<T: VersionedStruct>(p: *mut T, value: T) -> Result<()>
     }
     Ok(())
 }
+
+/// Copies `bytes` into the caller's `size`-byte buffer as snprintf does:
+/// truncated to `size - 1` bytes and NUL-terminated; nothing when `size` is 0.
+pub(crate) fn copy_truncated(bytes: &[u8], buf: *mut c_char, size: usize) {
+    if size == 0 || buf.is_null() {
+        return;
+    }
+    let n = bytes.len().min(size - 1);
+    // SAFETY: the caller's buffer holds `size` bytes (> n).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, n);
+        *buf.add(n) = 0;
+    }
+}
