@@ -26,9 +26,9 @@ const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 const TIB: u64 = 1024 * GIB;
 
-const SUBCOMMANDS: [&str; 13] = [
+const SUBCOMMANDS: [&str; 14] = [
     "create", "info", "add", "remove", "clear", "enable", "disable", "rename", "merge", "set",
-    "reset", "extents", "check",
+    "reset", "extents", "resize", "check",
 ];
 
 // ---------------------------------------------------------------------------

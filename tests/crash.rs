@@ -63,6 +63,19 @@ fn model_state(m: &Model, enabled: bool) -> BitmapState {
     }
 }
 
+/// The bitmaps of `s` on a disk resized to `new_size`: bits past the end dropped.
+fn resized(s: &Snapshot, new_size: u64) -> Snapshot {
+    s.iter()
+        .map(|(name, b)| {
+            let mut m = Model::new(new_size, b.granularity);
+            for &(o, l) in b.extents.iter().filter(|e| e.0 < new_size) {
+                m.mark(o, l.min(new_size - o));
+            }
+            (name.clone(), model_state(&m, b.enabled))
+        })
+        .collect()
+}
+
 fn model_of(size: u64, s: &BitmapState) -> Model {
     let mut m = Model::new(size, s.granularity);
     for &(o, l) in &s.extents {
@@ -503,6 +516,18 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
             }),
             new,
             random_per_cut: 4,
+        });
+    }
+
+    // Resizing: the header's size and L1 change in one sector; the bitmaps,
+    // in_use on disk meanwhile, are stored at the new size afterwards.
+    for (name, new_size) in [("resize shrink", 300 * MIB + 512), ("resize grow", 3 * GIB)] {
+        out.push(Scenario {
+            name,
+            base: std_base.clone(),
+            run: plain(move |img| img.resize(new_size).unwrap()),
+            new: resized(&std_old, new_size),
+            random_per_cut: 24,
         });
     }
 

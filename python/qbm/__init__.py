@@ -254,6 +254,7 @@ _PROTOTYPES = {
     "qbm_bitmap_next_extent": (_int, [_HandleP, _str, _u64, _u64p, _u64p]),
     "qbm_check": (_int, [_HandleP, _u32, ctypes.POINTER(_CheckResult)]),
     "qbm_image_get_data_file": (_int, [_HandleP, ctypes.c_char_p, ctypes.c_size_t]),
+    "qbm_resize": (_int, [_HandleP, _u64]),
 }
 
 
@@ -622,6 +623,13 @@ class Image:
         r.struct_size = ctypes.sizeof(_CheckResult)
         _check(lib.qbm_check(h, flags, ctypes.byref(r)), "qbm_check")
         return CheckResult(**{name: getattr(r, name) for name, _ in _CheckResult._fields_[1:]})
+
+    def resize(self, new_size: int) -> None:
+        """Grows or shrinks the virtual disk (a multiple of 512) and every
+        bitmap with it, as ``qemu-img resize`` does; bits past a shrunken end
+        are dropped. Raises :class:`Busy` while a bitmap is inconsistent."""
+        h = self._handle()
+        _check(lib.qbm_resize(h, _uint(new_size, "new_size")), "qbm_resize")
 
     def info(self) -> ImageInfo:
         """Facts about the image."""

@@ -102,8 +102,17 @@ enum Command {
         image: String,
         name: String,
     },
-    /// Check the image's metadata as libqbm validates it at open; list
-    /// inconsistent bitmaps (--repair removes them).
+    /// Grow or shrink the virtual disk and every bitmap with it (a
+    /// multiple of 512; bits past a shrunken end are dropped).
+    Resize {
+        image: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Recompute every cluster's references and compare them with the
+    /// refcounts, as `qemu-img check` does (exit 2: corruptions, 3: leaks
+    /// only); list inconsistent bitmaps. --repair fixes leaks and removes
+    /// inconsistent bitmaps.
     Check {
         #[arg(long)]
         json: bool,
@@ -369,6 +378,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             }
             Ok(())
         }
+        Command::Resize { image, size } => modify(&image, |img| img.resize(size)),
         Command::Check {
             json,
             repair,

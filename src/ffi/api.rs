@@ -396,6 +396,18 @@ pub extern "C" fn qbm_bitmap_next_extent(
     })
 }
 
+/// Grows or shrinks the virtual disk to `new_size` bytes (a multiple of
+/// 512) and every bitmap with it, as `qemu-img resize` does: bits past a
+/// shrunken end are dropped, grown space starts clean, guest clusters past a
+/// shrunken end are discarded (a raw data file is never touched, and must
+/// hold the new size). Crash-safe like a flush; the resized bitmaps are
+/// stored before it returns. -EBUSY while a bitmap is inconsistent (remove
+/// it first), -ENOTSUP with internal snapshots, -EROFS on a read-only image.
+#[no_mangle]
+pub extern "C" fn qbm_resize(img: *mut qbm_image, new_size: u64) -> c_int {
+    run(|| handle(img)?.image.resize(new_size).map(|_| 0))
+}
+
 /// Copies the image's external data file name (set for a raw-disk
 /// companion) into `buf` with a terminating NUL, truncated to `size` bytes
 /// as snprintf does, and returns the name's full length in bytes: 0 when the

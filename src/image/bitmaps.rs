@@ -42,9 +42,9 @@ pub struct BitmapInfo {
 pub(crate) struct Slot {
     /// The directory entry as it is (or will be) on disk. `table_offset` and
     /// `table_size` name the stored table while `table` is `Some`.
-    entry: DirEntry,
+    pub(super) entry: DirEntry,
     /// The bits; `None` when the bitmap is inconsistent or untouchable.
-    data: Option<Arc<DirtyBitmap>>,
+    pub(super) data: Option<Arc<DirtyBitmap>>,
     /// The entries of the stored table, once known.
     table: Option<Vec<TableEntry>>,
 }
@@ -765,7 +765,7 @@ impl Image {
         self.check_range(offset, length, Some(name))?;
         let g = data.granularity();
         let end = offset + length;
-        if offset % g != 0 || (end % g != 0 && end != self.size) {
+        if offset % g != 0 || (end % g != 0 && end != self.size()) {
             return Err(self.ctx(Error::InvalidArgument(format!(
                 "bitmap '{name}': reset range at offset {offset} of length {length} is not aligned to the granularity {g}"
             ))));

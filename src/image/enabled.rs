@@ -13,9 +13,12 @@ pub struct EnabledSet {
 }
 
 impl EnabledSet {
-    /// Replaces the list. Callers serialise publishes (the image's state lock).
-    pub fn publish(&self, bitmaps: Vec<Arc<DirtyBitmap>>) {
-        self.current.store(Arc::new(bitmaps));
+    /// Replaces the list and returns the previous one. Callers serialise
+    /// publishes (the image's state lock). arc-swap pays the readers' debts
+    /// on the swap, so the previous list's strong count then counts the
+    /// marking threads still walking it.
+    pub fn publish(&self, bitmaps: Vec<Arc<DirtyBitmap>>) -> Arc<Vec<Arc<DirtyBitmap>>> {
+        self.current.swap(Arc::new(bitmaps))
     }
 
     /// Calls `f` on every enabled bitmap, without locking or allocating.

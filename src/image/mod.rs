@@ -9,6 +9,7 @@ mod create;
 mod enabled;
 mod layout;
 mod lock;
+mod resize;
 
 pub use bitmaps::{BitmapInfo, Extents};
 pub use check::{check_file, check_storage, CheckOptions, CheckReport};
@@ -23,6 +24,7 @@ use allocator::Allocator;
 use bitmaps::Slot;
 use enabled::EnabledSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// How to open an image.
@@ -66,7 +68,8 @@ pub struct ImageInfo {
 pub struct Image {
     name: String,
     writable: bool,
-    size: u64,
+    /// The virtual size; changes only under the state lock (resize).
+    size: AtomicU64,
     state: Mutex<State>,
     enabled: EnabledSet,
     /// The image's locks and its data file's; released when the image is
@@ -154,7 +157,7 @@ impl Image {
         let image = Image {
             name: name.to_string(),
             writable: options.writable,
-            size: state.header.size,
+            size: AtomicU64::new(state.header.size),
             state: Mutex::new(state),
             enabled: EnabledSet::default(),
             _locks: Vec::new(),
@@ -189,7 +192,7 @@ impl Image {
 
     /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn info(&self) -> Result<ImageInfo> {
@@ -242,12 +245,12 @@ impl Image {
     /// `bitmap` names the bitmap in the message, if one is involved.
     fn check_range(&self, offset: u64, length: u64, bitmap: Option<&str>) -> Result<()> {
         match offset.checked_add(length) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(Error::InvalidArgument(format!(
                 "{}: {}range at offset {offset} of length {length} extends past the end of the disk ({} bytes)",
                 self.name,
                 bitmap.map_or(String::new(), |b| format!("bitmap '{b}': ")),
-                self.size
+                self.size()
             ))),
         }
     }
@@ -278,7 +281,7 @@ impl Image {
     /// Republishes the list `mark_dirty` walks; call after enabling,
     /// disabling, adding or removing bitmaps.
     fn publish_enabled(&self, st: &State) {
-        self.enabled.publish(st.enabled_bitmaps());
+        drop(self.enabled.publish(st.enabled_bitmaps()));
     }
 }
 
