@@ -1763,3 +1763,24 @@ fn qemu_merge_equivalence() {
     assert_eq!(extents(&a, "d"), qemu_result);
     qemu_check_clean(&b);
 }
+
+/// `qbm resize` grows and shrinks the disk and its bitmaps; bad sizes fail
+/// with one line naming the problem.
+#[test]
+fn resize_grows_and_shrinks() {
+    let dir = TempDir::new("resize");
+    let img = dir.file("r.qcow2");
+    ok(&["create", &img, "64M"]);
+    ok(&["add", &img, "bm-r"]);
+    ok(&["set", &img, "bm-r", "1M", "1"]);
+    ok(&["set", &img, "bm-r", "40M", "1"]);
+    ok(&["resize", &img, "1G"]);
+    assert_eq!(info_json(&img)["virtual-size"], 1u64 << 30);
+    ok(&["resize", &img, "32M"]);
+    assert_eq!(info_json(&img)["virtual-size"], 32u64 << 20);
+    assert_eq!(extents(&img, "bm-r"), [(MIB, 65536)]);
+    fail(&["resize", &img, "1000"], &[&img], "multiple of 512");
+    if have_qemu("resize_grows_and_shrinks") {
+        qemu_check_clean(&img);
+    }
+}

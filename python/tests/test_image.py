@@ -312,3 +312,19 @@ def test_force_share_reads_an_image_held_read_write(tmp_path: Path) -> None:
             assert reader.info().virtual_size == 16 * 1024 * 1024
         with pytest.raises(qbm.InvalidArgument):
             qbm.Image.open(f, writable=True, force_share=True)
+
+
+def test_resize(tmp_path: Path) -> None:
+    with qbm.Image.create(tmp_path / "r.qcow2", 64 * MiB) as img:
+        img.add_bitmap("b")
+        img.mark_dirty(MiB, 1)
+        img.mark_dirty(60 * MiB, 1)
+        img.resize(16 * MiB)
+        assert img.info().virtual_size == 16 * MiB
+        assert list(img.extents("b")) == [(MiB, 65536)]
+        img.resize(128 * MiB)
+        with pytest.raises(qbm.InvalidArgument, match="multiple of 512"):
+            img.resize(1000)
+    with qbm.Image.open(tmp_path / "r.qcow2") as img:
+        assert img.info().virtual_size == 128 * MiB
+        assert list(img.extents("b")) == [(MiB, 65536)]
