@@ -136,11 +136,18 @@ fn caller_size<T: VersionedStruct>(p: *const T) -> Result<usize> {
     // SAFETY: T starts with a usize (trait contract) and the caller allocated
     // at least that much; only the size field is read here.
     let size = unsafe { *(p as *const usize) };
-    if size < T::MIN_SIZE {
+    // Published sizes only: the first version's, or this one's and up. A
+    // size in between would cut a field in two.
+    if size != T::MIN_SIZE && size < std::mem::size_of::<T>() {
         return Err(invalid(format!(
-            "struct {}.struct_size is {size}, expected at least {}",
+            "struct {}.struct_size is {size}, expected {}{}",
             T::NAME,
-            T::MIN_SIZE
+            if T::MIN_SIZE < std::mem::size_of::<T>() {
+                format!("{} or at least ", T::MIN_SIZE)
+            } else {
+                "at least ".to_string()
+            },
+            std::mem::size_of::<T>()
         )));
     }
     if size > STRUCT_SIZE_MAX {
