@@ -111,6 +111,15 @@ struct qbm_create_options {
    * Reserved, must be 0.
    */
   uint32_t flags;
+  /**
+   * NULL, or an existing raw file holding the guest data: the new image
+   * is its metadata companion (external data file, data-file-raw) and the
+   * raw file is never written. A `virtual_size` of 0 then means the raw
+   * file's size. The name is stored as given, and QEMU resolves a relative
+   * name against its working directory: give an absolute path. (Added in
+   * 0.2; callers compiled against 0.1 pass the shorter struct.)
+   */
+  const char *data_file;
 };
 
 /**
@@ -359,6 +368,14 @@ int qbm_bitmap_next_extent(struct qbm_image *img,
                            uint64_t from,
                            uint64_t *start,
                            uint64_t *length);
+
+/**
+ * Copies the image's external data file name (set for a raw-disk
+ * companion) into `buf` with a terminating NUL, truncated to `size` bytes
+ * as snprintf does, and returns the name's full length in bytes: 0 when the
+ * image has no data file. `buf` may be NULL when `size` is 0.
+ */
+int qbm_image_get_data_file(struct qbm_image *img, char *buf, size_t size);
 
 /**
  * Recomputes every cluster's references (header, L1/L2 tables, snapshots,

@@ -403,6 +403,7 @@ fn t2_we_write_qemu_reads() {
                     size,
                     cluster_size: cs,
                     refcount_bits: rb,
+                    ..Default::default()
                 },
             )
             .unwrap_or_else(|e| panic!("{ctx}: create: {e}"));
@@ -710,6 +711,7 @@ fn t4_in_use_protocol() {
                 size: 64 * MIB,
                 cluster_size: 65536,
                 refcount_bits: 16,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -1077,6 +1079,7 @@ fn t6_refcount_table_growth() {
                     size,
                     cluster_size: 512,
                     refcount_bits: 64,
+                    ..Default::default()
                 },
             )
             .unwrap()
@@ -1190,6 +1193,7 @@ fn t7_management_both_ways() {
                     size,
                     cluster_size: cs,
                     refcount_bits: rb,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -1396,6 +1400,7 @@ fn t8_full_ranges_and_big_sparse_disk() {
                     size,
                     cluster_size: cs,
                     refcount_bits: 16,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -1634,6 +1639,7 @@ fn t10_limits_and_names() {
                 size: 32 * MIB,
                 cluster_size: 512,
                 refcount_bits: 16,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -1688,6 +1694,7 @@ fn t10b_nul_in_name() {
                 size: MIB,
                 cluster_size: 65536,
                 refcount_bits: 16,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -1733,6 +1740,7 @@ fn t10c_odd_disk_sizes() {
                 size,
                 cluster_size: cs,
                 refcount_bits: 16,
+                ..Default::default()
             },
         ) else {
             continue;
@@ -1791,6 +1799,7 @@ fn t10d_zero_size_disk() {
             size: 0,
             cluster_size: 65536,
             refcount_bits: 16,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -1876,6 +1885,7 @@ fn t12_concurrent_marks_and_crash_copy() {
             size,
             cluster_size: 4096,
             refcount_bits: 16,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -1973,6 +1983,7 @@ fn t13_management_fuzz() {
                 size,
                 cluster_size: cs,
                 refcount_bits: rb,
+                ..Default::default()
             },
         )
         .unwrap()
@@ -2645,6 +2656,7 @@ fn t18_qemu_maintenance_on_our_images() {
                 size,
                 cluster_size: 4096,
                 refcount_bits: 16,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -2995,6 +3007,7 @@ fn t21_crash_consistency() {
                     size: 128 * MIB,
                     cluster_size: cs,
                     refcount_bits: rb,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -3108,6 +3121,7 @@ fn t22_close_releases_locks_despite_concurrent_spawns() {
             size: MIB,
             cluster_size: 65536,
             refcount_bits: 16,
+            ..Default::default()
         },
     )
     .unwrap()

@@ -165,6 +165,7 @@ class _CreateOptions(ctypes.Structure):
         ("cluster_size", ctypes.c_uint64),
         ("refcount_bits", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
+        ("data_file", ctypes.c_char_p),
     ]
 
 
@@ -252,6 +253,7 @@ _PROTOTYPES = {
     "qbm_bitmap_dirty_bytes": (_int, [_HandleP, _str, _u64p]),
     "qbm_bitmap_next_extent": (_int, [_HandleP, _str, _u64, _u64p, _u64p]),
     "qbm_check": (_int, [_HandleP, _u32, ctypes.POINTER(_CheckResult)]),
+    "qbm_image_get_data_file": (_int, [_HandleP, ctypes.c_char_p, ctypes.c_size_t]),
 }
 
 
@@ -430,6 +432,8 @@ class ImageInfo:
     bitmap_count: int
     #: Whether the image is open read-write.
     writable: bool
+    #: The external data file's name for a raw-disk companion, else None.
+    data_file: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -524,15 +528,20 @@ class Image:
     def create(
         cls,
         path: StrPath,
-        size: int,
+        size: int = 0,
         cluster_size: int = 65536,
         refcount_bits: int = 16,
+        data_file: Optional[StrPath] = None,
     ) -> "Image":
         """Creates a new qcow2 v3 image of ``size`` bytes at ``path`` (which
         must not exist) and returns it open read-write.
 
         ``cluster_size``: a power of two from 512 to 2 MiB; ``refcount_bits``:
-        1, 2, 4, 8, 16, 32 or 64.
+        1, 2, 4, 8, 16, 32 or 64. ``data_file``: an existing raw disk whose
+        metadata companion the image becomes (its guest data stays in the raw
+        file, which is never written); ``size`` 0 then means the raw file's
+        size. Give an absolute path: QEMU resolves a relative one against its
+        working directory.
         """
         p = _path(path)
         opts = _CreateOptions()
@@ -541,6 +550,7 @@ class Image:
         opts.cluster_size = _uint(cluster_size, "cluster_size")
         opts.refcount_bits = _uint(refcount_bits, "refcount_bits", 0xFFFFFFFF)
         opts.flags = 0
+        opts.data_file = None if data_file is None else _path(data_file)
         h = _HandleP()
         _check(lib.qbm_create(p, ctypes.byref(opts), ctypes.byref(h)), "qbm_create")
         return cls(h, path)
@@ -626,7 +636,17 @@ class Image:
             version=i.version,
             bitmap_count=i.bitmap_count,
             writable=bool(i.flags & IMAGE_WRITABLE),
+            data_file=self._data_file(h),
         )
+
+    @staticmethod
+    def _data_file(h: "ctypes._Pointer[_Handle]") -> Optional[str]:
+        n = _check(lib.qbm_image_get_data_file(h, None, 0), "qbm_image_get_data_file")
+        if n == 0:
+            return None
+        buf = ctypes.create_string_buffer(n + 1)
+        _check(lib.qbm_image_get_data_file(h, buf, n + 1), "qbm_image_get_data_file")
+        return os.fsdecode(buf.value)
 
     @property
     def writable(self) -> bool:

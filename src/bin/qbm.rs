@@ -33,10 +33,17 @@ enum Command {
         /// Refcount width in bits (1, 2, 4, 8, 16, 32, 64).
         #[arg(long, default_value_t = 16)]
         refcount_bits: u32,
+        /// Make a metadata companion for this existing raw disk (external
+        /// data file, data-file-raw); the raw file is never written. The name
+        /// is stored as given: QEMU resolves a relative one against its
+        /// working directory.
+        #[arg(long, value_name = "RAW")]
+        data_file: Option<String>,
         image: String,
-        /// Virtual size, with an optional k/M/G/T suffix.
-        #[arg(value_parser = parse_size)]
-        size: u64,
+        /// Virtual size, with an optional k/M/G/T suffix (default with
+        /// --data-file: the raw file's size).
+        #[arg(value_parser = parse_size, required_unless_present = "data_file")]
+        size: Option<u64>,
     },
     /// Show the image and every bitmap.
     Info {
@@ -224,6 +231,7 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
             "refcount-bits": info.refcount_bits,
             "version": info.version,
             "backing-filename": info.backing_file,
+            "data-file": info.data_file,
             "bitmaps": bitmaps.iter().map(bitmap_json).collect::<Vec<_>>(),
         });
         println!(
@@ -243,6 +251,9 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
     println!("qcow2 version: {}", info.version);
     if let Some(b) = &info.backing_file {
         println!("backing file: {b}");
+    }
+    if let Some(d) = &info.data_file {
+        println!("data file: {d}");
     }
     if bitmaps.is_empty() {
         println!("bitmaps: none");
@@ -282,14 +293,16 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Create {
             cluster_size,
             refcount_bits,
+            data_file,
             image,
             size,
         } => Image::create(
             &image,
             &CreateOptions {
-                size,
+                size: size.unwrap_or(0),
                 cluster_size,
                 refcount_bits,
+                data_file: data_file.map(Into::into),
             },
         )?
         .close(),

@@ -3,8 +3,8 @@
 //! API lacks.
 
 use super::guard::{
-    handle, handle_fast, last_error, out, read_sized, run, store_handle, string, take_handle,
-    write_sized, VersionedStruct,
+    copy_truncated, handle, handle_fast, last_error, out, read_sized, run, store_handle, string,
+    take_handle, write_sized, VersionedStruct,
 };
 use super::types::*;
 use crate::error::Error;
@@ -14,6 +14,7 @@ use std::os::raw::{c_char, c_int};
 // SAFETY: all four are repr(C) plain data starting with `struct_size: usize`.
 unsafe impl VersionedStruct for qbm_create_options {
     const NAME: &'static str = "qbm_create_options";
+    const MIN_SIZE: usize = std::mem::offset_of!(qbm_create_options, data_file);
 }
 // SAFETY: as above.
 unsafe impl VersionedStruct for qbm_image_info {
@@ -109,6 +110,10 @@ pub extern "C" fn qbm_create(
                 defaults.refcount_bits
             } else {
                 o.refcount_bits
+            },
+            data_file: match o.data_file.is_null() {
+                true => None,
+                false => Some(string(o.data_file, "data file name")?.into()),
             },
         };
         let image = Image::create(path, &opts)?;
@@ -403,6 +408,29 @@ pub extern "C" fn qbm_bitmap_next_extent(
             }
             None => Ok(0),
         }
+    })
+}
+
+/// Copies the image's external data file name (set for a raw-disk
+/// companion) into `buf` with a terminating NUL, truncated to `size` bytes
+/// as snprintf does, and returns the name's full length in bytes: 0 when the
+/// image has no data file. `buf` may be NULL when `size` is 0.
+#[no_mangle]
+pub extern "C" fn qbm_image_get_data_file(
+    img: *mut qbm_image,
+    buf: *mut c_char,
+    size: usize,
+) -> c_int {
+    run(|| {
+        let h = handle(img)?;
+        if buf.is_null() && size != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "data file name buffer is NULL but its size is {size}"
+            )));
+        }
+        let name = h.image.info()?.data_file.unwrap_or_default();
+        copy_truncated(name.as_bytes(), buf, size);
+        Ok(name.len() as c_int)
     })
 }
 

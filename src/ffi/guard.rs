@@ -127,9 +127,13 @@ pub(crate) fn out<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T> {
 
 /// Size-versioned structs start with `struct_size: usize`.
 /// # Safety
-/// Implementors are `repr(C)` plain-data structs whose first field is `struct_size: usize`.
+/// Implementors are `repr(C)` plain-data structs whose first field is
+/// `struct_size: usize`, for which all-zero bytes are a valid value.
 pub(crate) unsafe trait VersionedStruct: Copy {
     const NAME: &'static str;
+    /// The size of the struct's first published version: callers compiled
+    /// against it keep working, and the fields added since read as 0.
+    const MIN_SIZE: usize = std::mem::size_of::<Self>();
 }
 
 /// Largest `struct_size` believed: a bigger one is an uninitialised field,
@@ -144,11 +148,11 @@ fn caller_size<T: VersionedStruct>(p: *const T) -> Result<usize> {
     // SAFETY: T starts with a usize (trait contract) and the caller allocated
     // at least that much; only the size field is read here.
     let size = unsafe { *(p as *const usize) };
-    if size < std::mem::size_of::<T>() {
+    if size < T::MIN_SIZE {
         return Err(invalid(format!(
             "struct {}.struct_size is {size}, expected at least {}",
             T::NAME,
-            std::mem::size_of::<T>()
+            T::MIN_SIZE
         )));
     }
     if size > STRUCT_SIZE_MAX {
@@ -167,18 +171,29 @@ fn caller_size<T: VersionedStruct>(p: *const T) -> Result<usize> {
 pub(crate) fn read_sized<T: VersionedStruct>(p: *const T) -> Result<T> {
     let size = caller_size(p)?;
     let ours = std::mem::size_of::<T>();
-    // SAFETY: the caller's struct is `size` bytes (checked >= ours and
-    // bounded above); the tail is read as bytes only.
-    let tail = unsafe { std::slice::from_raw_parts((p as *const u8).add(ours), size - ours) };
-    if let Some(at) = tail.iter().position(|&b| b != 0) {
-        return Err(invalid(format!(
-            "struct {}: byte {} is not 0, but this version of libqbm knows only the first {ours} bytes (struct_size {size})",
-            T::NAME,
-            ours + at
-        )));
+    if size > ours {
+        // SAFETY: the caller's struct is `size` bytes (bounded above by
+        // caller_size); the tail is read as bytes only.
+        let tail = unsafe { std::slice::from_raw_parts((p as *const u8).add(ours), size - ours) };
+        if let Some(at) = tail.iter().position(|&b| b != 0) {
+            return Err(invalid(format!(
+                "struct {}: byte {} is not 0, but this version of libqbm knows only the first {ours} bytes (struct_size {size})",
+                T::NAME,
+                ours + at
+            )));
+        }
     }
-    // SAFETY: the caller's struct is at least size_of::<T>() bytes (checked above).
-    Ok(unsafe { *p })
+    // SAFETY: all-zero bytes are a valid T (trait contract); the caller's
+    // struct has at least min(size, ours) readable bytes, copied over them.
+    unsafe {
+        let mut value: T = std::mem::zeroed();
+        std::ptr::copy_nonoverlapping(
+            p as *const u8,
+            &mut value as *mut T as *mut u8,
+            size.min(ours),
+        );
+        Ok(value)
+    }
 }
 
 /// Writes a size-versioned output struct, keeping the caller's struct_size.
@@ -194,4 +209,18 @@ pub(crate) fn write_sized<T: VersionedStruct>(p: *mut T, value: T) -> Result<()>
         std::ptr::copy_nonoverlapping(src.add(skip), dst.add(skip), n - skip);
     }
     Ok(())
+}
+
+/// Copies `bytes` into the caller's `size`-byte buffer as snprintf does:
+/// truncated to `size - 1` bytes and NUL-terminated; nothing when `size` is 0.
+pub(crate) fn copy_truncated(bytes: &[u8], buf: *mut c_char, size: usize) {
+    if size == 0 || buf.is_null() {
+        return;
+    }
+    let n = bytes.len().min(size - 1);
+    // SAFETY: the caller's buffer holds `size` bytes (> n).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, n);
+        *buf.add(n) = 0;
+    }
 }

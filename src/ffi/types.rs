@@ -66,6 +66,13 @@ pub struct qbm_create_options {
     pub refcount_bits: u32,
     /// Reserved, must be 0.
     pub flags: u32,
+    /// NULL, or an existing raw file holding the guest data: the new image
+    /// is its metadata companion (external data file, data-file-raw) and the
+    /// raw file is never written. A `virtual_size` of 0 then means the raw
+    /// file's size. The name is stored as given, and QEMU resolves a relative
+    /// name against its working directory: give an absolute path. (Added in
+    /// 0.2; callers compiled against 0.1 pass the shorter struct.)
+    pub data_file: *const c_char,
 }
 
 /// Facts about an open image, filled by `qbm_image_get_info`. A `struct_size`

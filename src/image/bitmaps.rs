@@ -2,7 +2,9 @@
 //!
 //! Store order (FORMAT.md section 5): new data clusters and tables into fresh
 //! clusters, flush; the new directory into fresh clusters, flush; cluster 0
-//! naming it, flush; only then are the old clusters freed.
+//! naming it, in tear-safe flushed steps (`State::commit_cluster0`); only
+//! then are the old clusters freed. tests/crash.rs cuts a run after every
+//! write to hold this.
 
 use super::layout::{self, Kind, Layout};
 use super::{Image, State};
@@ -324,11 +326,7 @@ impl State {
 
         // 3. Cluster 0 names the new directory.
         let (exts, autoclear) = self.bitmaps_extensions(new_dir);
-        let (header, bytes) = self.encode_cluster0(&exts, autoclear)?;
-        self.write(&bytes, 0, "the header")?;
-        self.flush_storage()?;
-        self.header = header;
-        self.extensions = exts;
+        self.commit_cluster0(exts, autoclear)?;
 
         // 4. The new directory is durable: what only the old one named is garbage.
         if let Some((offset, size)) = self.directory.take() {
@@ -349,15 +347,22 @@ impl State {
         self.free_pending()
     }
 
-    /// Frees clusters no durable metadata names any more. On failure the
-    /// image stays valid and the clusters leak (qemu-img check -r leaks).
+    /// Frees clusters no durable metadata names any more. The store they
+    /// follow is durable, so a failure here does not fail it: the image
+    /// stays valid, the clusters leak (qemu-img check -r leaks), and the
+    /// refcounts are read again. Retrying could free a cluster twice.
     fn free_pending(&mut self) -> Result<()> {
         let pieces = std::mem::take(&mut self.pending_free);
         let storage = self.storage.as_ref();
-        self.alloc
+        let freed = self
+            .alloc
             .as_mut()
             .expect("writable")
-            .free_all(storage, &pieces)
+            .free_all(storage, &pieces);
+        if freed.is_err() {
+            self.reload_allocator();
+        }
+        Ok(())
     }
 
     /// The extension list and autoclear bits with the bitmaps extension set
@@ -384,9 +389,7 @@ impl State {
                 (exts, autoclear | header::AUTOCLEAR_BITMAPS)
             }
             None => {
-                if let Some(p) = pos {
-                    exts.remove(p);
-                }
+                super::drop_bitmaps_extension(&mut exts);
                 (exts, autoclear & !header::AUTOCLEAR_BITMAPS)
             }
         }

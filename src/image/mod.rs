@@ -22,7 +22,7 @@ use crate::storage::{FileStorage, Storage};
 use allocator::Allocator;
 use bitmaps::Slot;
 use enabled::EnabledSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 /// How to open an image.
@@ -58,6 +58,8 @@ pub struct ImageInfo {
     pub bitmap_count: usize,
     pub writable: bool,
     pub backing_file: Option<String>,
+    /// The external data file's name as stored, for a raw-disk companion.
+    pub data_file: Option<String>,
 }
 
 /// An open qcow2 image and its persistent dirty bitmaps.
@@ -67,8 +69,9 @@ pub struct Image {
     size: u64,
     state: Mutex<State>,
     enabled: EnabledSet,
-    /// Released when the image is dropped, after the state is stored.
-    _lock: Option<lock::LockGuard>,
+    /// The image's locks and its data file's; released when the image is
+    /// dropped, after the state is stored.
+    _locks: Vec<lock::LockGuard>,
 }
 
 /// Everything behind the management lock.
@@ -113,12 +116,19 @@ impl Image {
                 "{name}: not a regular file or block device"
             )));
         }
-        let guard = match options.force_share {
-            true => None,
-            false => Some(lock::lock(&file, options.writable, &name)?),
-        };
-        let mut image = Image::open_storage(Box::new(FileStorage::new(file)), &name, options)?;
-        image._lock = guard;
+        let mut locks = Vec::new();
+        if !options.force_share {
+            locks.push(lock::lock(&file, options.writable, &name)?);
+        }
+        // The data file is locked before anything is written to the image.
+        let storage = Box::new(FileStorage::new(file));
+        let mut image = Image::open_storage_with(storage, &name, options, |st| {
+            if let Some(guard) = lock_data_file(st, options, &name)? {
+                locks.push(guard);
+            }
+            Ok(())
+        })?;
+        image._locks = locks;
         Ok(image)
     }
 
@@ -128,20 +138,37 @@ impl Image {
         name: &str,
         options: OpenOptions,
     ) -> Result<Image> {
+        Image::open_storage_with(storage, name, options, |_| Ok(()))
+    }
+
+    /// `open_storage`, running `before_writing` on the loaded state before
+    /// a read-write open writes anything.
+    fn open_storage_with(
+        storage: Box<dyn Storage>,
+        name: &str,
+        options: OpenOptions,
+        before_writing: impl FnOnce(&State) -> Result<()>,
+    ) -> Result<Image> {
         let state = State::load(storage, options.writable).map_err(|e| e.context(name))?;
+        before_writing(&state)?;
         let image = Image {
             name: name.to_string(),
             writable: options.writable,
             size: state.header.size,
             state: Mutex::new(state),
             enabled: EnabledSet::default(),
-            _lock: None,
+            _locks: Vec::new(),
         };
         {
             let mut st = image.lock()?;
             if options.writable {
                 if let Err(e) = st.open_for_writing() {
-                    // Nothing more may be written for a refused open.
+                    // The bitmaps may already be flagged in_use on disk: when
+                    // the disk works again, store them without the flag.
+                    // Nothing else is written for a refused open.
+                    if matches!(e, Error::Io { .. }) {
+                        let _ = st.persist(true);
+                    }
                     st.closed = true;
                     return Err(e.context(name));
                 }
@@ -176,6 +203,9 @@ impl Image {
             writable: self.writable,
             backing_file: (!st.backing_name.is_empty())
                 .then(|| String::from_utf8_lossy(&st.backing_name).into_owned()),
+            data_file: st
+                .data_file_name()
+                .map(|p| p.to_string_lossy().into_owned()),
         })
     }
 
@@ -289,7 +319,38 @@ impl Drop for Image {
     }
 }
 
+/// Locks the external data file of a raw-disk companion as QEMU locks it
+/// (it is the same disk). A read-write open needs it; a read-only one reads
+/// the bitmaps without it when it is missing.
+fn lock_data_file(st: &State, options: OpenOptions, name: &str) -> Result<Option<lock::LockGuard>> {
+    let Some(path) = st.data_file_name() else {
+        return Ok(None);
+    };
+    if options.force_share {
+        return Ok(None);
+    }
+    let shown = format!("{name}: data file {}", path.display());
+    match std::fs::File::open(&path) {
+        Ok(file) => lock::lock(&file, options.writable, &shown).map(Some),
+        Err(e) if options.writable => Err(Error::io(format!("{shown}: cannot open"), e)),
+        Err(_) => Ok(None),
+    }
+}
+
 impl State {
+    /// The external data file's name, as stored (QEMU resolves a relative
+    /// one against the working directory, and so do we).
+    fn data_file_name(&self) -> Option<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        if self.header.incompatible_features & header::INCOMPAT_DATA_FILE == 0 {
+            return None;
+        }
+        self.extensions
+            .iter()
+            .find(|e| e.magic == extension::DATA_FILE)
+            .map(|e| PathBuf::from(std::ffi::OsStr::from_bytes(&e.data)))
+    }
+
     /// Reads and validates cluster 0, the refcount table (writable only) and
     /// the bitmap directory, and loads every usable bitmap.
     fn load(storage: Box<dyn Storage>, writable: bool) -> Result<State> {
@@ -368,23 +429,19 @@ impl State {
     /// What a read-write open changes on disk: unknown autoclear bits cleared,
     /// a stale bitmaps extension dropped, every usable bitmap flagged in_use.
     fn open_for_writing(&mut self) -> Result<()> {
-        let mut header_changed = false;
+        let mut exts = self.extensions.clone();
+        let mut autoclear = self.header.autoclear_features;
         if self.header.version == 3 {
-            let unknown = self.header.autoclear_features & !header::AUTOCLEAR_KNOWN;
-            if unknown != 0 {
-                self.header.autoclear_features &= !unknown;
-                header_changed = true;
+            autoclear &= header::AUTOCLEAR_KNOWN;
+            if autoclear & header::AUTOCLEAR_BITMAPS == 0 {
+                drop_bitmaps_extension(&mut exts);
             }
-            if self.header.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
-                let before = self.extensions.len();
-                self.extensions.retain(|e| e.magic != extension::BITMAPS);
-                header_changed |= self.extensions.len() != before;
-            }
+        }
+        if exts != self.extensions || autoclear != self.header.autoclear_features {
+            self.commit_cluster0(exts, autoclear)?;
         }
         if self.slots.iter().any(Slot::usable) {
             self.persist(false)
-        } else if header_changed {
-            self.write_cluster0()
         } else {
             Ok(())
         }
@@ -415,6 +472,7 @@ impl State {
         extensions: &[Extension],
         autoclear: u64,
     ) -> Result<(Header, Vec<u8>)> {
+        let cs = self.cluster_size() as usize;
         let mut header = self.header.clone();
         header.autoclear_features = autoclear;
         if let Some(a) = &self.alloc {
@@ -423,12 +481,22 @@ impl State {
         }
         let ext_bytes = extension::encode_all(extensions);
         let ext_end = header.header_length as usize + ext_bytes.len();
-        let cs = self.cluster_size() as usize;
         let name_len = self.backing_name.len();
         if name_len > 0 {
-            // Keep the name where it is unless the extensions now reach it.
+            // Keep the name where it is unless the extensions now reach it;
+            // then move it to the end of cluster 0, clear of both the old name
+            // and the new extensions, so that the move can be made safely
+            // (see commit_cluster0). Right after the extensions if it does
+            // not fit there.
             let old = header.backing_file_offset as usize;
-            header.backing_file_offset = if old >= ext_end { old } else { ext_end } as u64;
+            let at_end = cs.saturating_sub(name_len);
+            header.backing_file_offset = if old >= ext_end {
+                old
+            } else if at_end >= ext_end && at_end >= old + name_len {
+                at_end
+            } else {
+                ext_end
+            } as u64;
         }
         let end = if name_len > 0 {
             header.backing_file_offset as usize + name_len
@@ -449,16 +517,101 @@ impl State {
         Ok((header, bytes))
     }
 
-    /// Rewrites cluster 0 with the current extensions and flushes.
-    /// Needs: everything the header names is durable.
-    fn write_cluster0(&mut self) -> Result<()> {
-        let (header, bytes) =
-            self.encode_cluster0(&self.extensions, self.header.autoclear_features)?;
+    /// Makes cluster 0 name `extensions` and `autoclear`, durably.
+    /// Needs: everything the new header names is durable.
+    ///
+    /// A crash may leave any subset of the 512-byte sectors of an unflushed
+    /// write on disk, so cluster 0 changes in steps, each a write within one
+    /// sector or a write nothing reads yet, each flushed before the next:
+    /// 1. autoclear bits that go away (bitmaps disowned before their
+    ///    extension changes);
+    /// 2. a backing file name that moves: first the name at its new place
+    ///    (clear of everything live), then the offset in the header;
+    /// 3. the extension area: one sector's worth in place; or, when the
+    ///    list grows at its end, what follows the old end marker first and
+    ///    the 8 bytes replacing that marker last; or, when it shrinks, the
+    ///    new end marker first and the dead bytes after it last;
+    /// 4. the rest of the header, with autoclear bits that appear (bitmaps
+    ///    owned only once their extension is durable).
+    ///
+    /// Only an extension change spanning two sectors that is none of these
+    /// (a bitmaps extension straddling a sector boundary, which neither
+    /// QEMU's nor our layouts produce) goes out as one tearable write.
+    fn commit_cluster0(&mut self, extensions: Vec<Extension>, autoclear: u64) -> Result<()> {
+        let (header, new) = self.encode_cluster0(&extensions, autoclear)?;
+        let cs = self.cluster_size() as usize;
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
+        let mut cur = vec![0u8; cs.min(file_len as usize).max(new.len())];
+        let readable = cs.min(file_len as usize);
         self.storage
-            .write_at(&bytes, 0)
-            .map_err(|e| Error::io("writing the header", e))?;
-        self.flush_storage()?;
+            .read_at(&mut cur[..readable], 0)
+            .map_err(|e| Error::io("reading cluster 0", e))?;
+        // Whatever the disk holds live past our encoding is cleared too.
+        let hl = header.header_length as usize;
+        let cur_name_end = match be64(&cur, 8) as usize {
+            0 => 0,
+            off => off + be32(&cur, 16) as usize,
+        };
+        let span = new
+            .len()
+            .max(end_marker(&cur, hl).map_or(0, |e| e + 8))
+            .max(cur_name_end)
+            .min(cur.len());
+        let mut want = new;
+        want.resize(span, 0);
+        cur.truncate(span);
+
+        // 1. Autoclear bits that go away.
+        if header.version == 3 {
+            let now = be64(&cur, 88);
+            if now & !autoclear != 0 {
+                let mut step = cur.clone();
+                step[88..96].copy_from_slice(&(now & autoclear).to_be_bytes());
+                self.write_diff(&mut cur, &step, 88..96)?;
+            }
+        }
+        // 2. A backing file name that moves.
+        let name_len = self.backing_name.len();
+        let name_at = header.backing_file_offset as usize;
+        if name_len > 0 && be64(&cur, 8) != header.backing_file_offset {
+            self.write_diff(&mut cur, &want, name_at..name_at + name_len)?;
+            self.write_diff(&mut cur, &want, 8..16)?;
+        }
+        // 3. The extension area.
+        if let Some((first, last)) = diff_range(&cur, &want, hl..span) {
+            let at = first & !7;
+            if first / 512 == last / 512 {
+                self.write_diff(&mut cur, &want, first..last + 1)?;
+            } else if end_marker(&cur, hl) == Some(at) {
+                self.write_diff(&mut cur, &want, at + 8..span)?;
+                self.write_diff(&mut cur, &want, at..at + 8)?;
+            } else if end_marker(&want, hl) == Some(at) {
+                self.write_diff(&mut cur, &want, at..at + 8)?;
+                self.write_diff(&mut cur, &want, at + 8..span)?;
+            } else {
+                self.write_diff(&mut cur, &want, hl..span)?;
+            }
+        }
+        // 4. The rest of the header.
+        self.write_diff(&mut cur, &want, 0..hl)?;
         self.header = header;
+        self.extensions = extensions;
+        Ok(())
+    }
+
+    /// Writes the bytes of `want` in `range` that differ from `cur` (as one
+    /// write from the first to the last) and flushes; `cur` follows.
+    fn write_diff(&self, cur: &mut [u8], want: &[u8], range: std::ops::Range<usize>) -> Result<()> {
+        if let Some((first, last)) = diff_range(cur, want, range) {
+            self.storage
+                .write_at(&want[first..=last], first as u64)
+                .map_err(|e| Error::io(format!("writing the header at {first:#x}"), e))?;
+            self.flush_storage()?;
+            cur[first..=last].copy_from_slice(&want[first..=last]);
+        }
         Ok(())
     }
 
@@ -468,8 +621,73 @@ impl State {
             .alloc
             .as_mut()
             .ok_or_else(|| Error::ReadOnly("image is opened read-only".into()))?;
-        alloc.allocate(self.storage.as_ref(), n)
+        let result = alloc.allocate(self.storage.as_ref(), n);
+        if result.is_err() {
+            self.reload_allocator();
+        }
+        result
     }
+
+    /// After a failed refcount update the cached blocks and table may say
+    /// more than the disk does (a block the table on disk does not name, a
+    /// refcount never written): forget them and read the truth again.
+    /// Best effort: if that fails too, the cache stays as it is.
+    pub(super) fn reload_allocator(&mut self) {
+        if self.alloc.is_none() {
+            return;
+        }
+        let mut fields = [0u8; 12];
+        if self.storage.read_at(&mut fields, 48).is_err() {
+            return;
+        }
+        let offset = be64(&fields, 0);
+        let clusters = be32(&fields, 8);
+        if let Ok(a) = Allocator::load(
+            self.storage.as_ref(),
+            self.header.cluster_bits,
+            self.header.refcount_order,
+            offset,
+            clusters,
+        ) {
+            self.alloc = Some(a);
+        }
+    }
+}
+
+/// Removes the bitmaps extension when it is the last one. One followed by
+/// others stays in place, stale (autoclear bit 0 clear): removing it would
+/// shift the others, a rewrite a crash could tear.
+pub(crate) fn drop_bitmaps_extension(exts: &mut Vec<Extension>) {
+    if exts.last().is_some_and(|e| e.magic == extension::BITMAPS) {
+        exts.pop();
+    }
+}
+
+/// First and last index in `range` where `a` and `b` differ.
+fn diff_range(a: &[u8], b: &[u8], range: std::ops::Range<usize>) -> Option<(usize, usize)> {
+    let first = range.clone().find(|&i| a[i] != b[i])?;
+    let last = range.rev().find(|&i| a[i] != b[i])?;
+    Some((first, last))
+}
+
+/// Offset of the extension list's end marker in `c0`, if the list is intact.
+fn end_marker(c0: &[u8], start: usize) -> Option<usize> {
+    let mut at = start;
+    while at + 8 <= c0.len() {
+        if be32(c0, at) == extension::END {
+            return Some(at);
+        }
+        at = at.checked_add(8 + (be32(c0, at + 4) as usize).next_multiple_of(8))?;
+    }
+    None
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// " (name)" for each unknown incompatible bit the feature-name table names.

@@ -3,6 +3,9 @@
 //! header poking.
 #![allow(dead_code)]
 
+pub mod cut_check;
+pub mod fault_storage;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -328,9 +331,26 @@ pub fn nbd_dirty_extents_with(image: &[String], bitmap: &str) -> Vec<(u64, u64)>
         assert!(Instant::now() < deadline, "qemu-nbd socket never appeared");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let out = run(Command::new("nbdinfo")
-        .arg(format!("--map=qemu:dirty-bitmap:{bitmap}"))
-        .arg(format!("nbd+unix:///?socket={}", sock.display())));
+    // The socket file appears at bind(), a moment before qemu-nbd listens:
+    // a connection refused in between is retried.
+    let map = || {
+        let mut cmd = Command::new("nbdinfo");
+        cmd.arg(format!("--map=qemu:dirty-bitmap:{bitmap}"))
+            .arg(format!("nbd+unix:///?socket={}", sock.display()));
+        cmd
+    };
+    let out = loop {
+        let out = run_output(&mut map());
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        let refused = String::from_utf8_lossy(&out.stderr).contains("Connection refused");
+        if !refused || Instant::now() >= deadline {
+            // Fails again, with the command and its output in the panic.
+            break run(&mut map());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     drop(child);
     parse_nbdinfo_map(&out)
 }
@@ -818,8 +838,13 @@ pub struct QemuIoSession {
 impl QemuIoSession {
     /// `qemu-io -f qcow2 [-r] PATH`, proven open by a first command.
     pub fn open(path: &Path, read_only: bool) -> QemuIoSession {
+        QemuIoSession::open_format(path, "qcow2", read_only)
+    }
+
+    /// A session on an image of another format (e.g. a raw data file).
+    pub fn open_format(path: &Path, format: &str, read_only: bool) -> QemuIoSession {
         let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "qcow2"]);
+        cmd.args(["-f", format]);
         if read_only {
             cmd.arg("-r");
         }
