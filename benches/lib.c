@@ -59,7 +59,7 @@ static long long proc_field(const char *file, const char *name) {
 static long long rss_anon_kib(void) { return proc_field("/proc/self/status", "RssAnon"); }
 
 static struct qbm_image *create(const char *path, uint64_t size) {
-    struct qbm_create_options o = {sizeof o, size, 0, 0, 0};
+    struct qbm_create_options o = {.struct_size = sizeof o, .virtual_size = size};
     struct qbm_image *img;
     unlink(path);
     if (qbm_create(path, &o, &img))
@@ -205,7 +205,18 @@ static int cmd_extents(const char *dir) {
 
 /* dd-equivalent: sequential 1 MiB writes of `len` bytes then fdatasync, and
  * a sequential read of the same file (page cache, as the load reads). */
-static void plain_io(const char *path, size_t len, double *wsecs, double *rsecs) {
+/* Drops a file's clean pages from the page cache (no root needed), so the
+ * next read comes from the device. */
+static void drop_cache(const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return;
+    fdatasync(fd);
+    posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    close(fd);
+}
+
+static void plain_io(const char *path, size_t len, double *wsecs, double *rsecs, double *cold_rsecs) {
     size_t chunk = 1 << 20;
     char *buf = malloc(chunk);
     memset(buf, 0x5a, chunk);
@@ -222,6 +233,12 @@ static void plain_io(const char *path, size_t len, double *wsecs, double *rsecs)
         if (pread(fd, buf, chunk, off) != (ssize_t)chunk)
             exit(1);
     *rsecs = wall() - t0;
+    drop_cache(path);
+    t0 = wall();
+    for (size_t off = 0; off < len; off += chunk)
+        if (pread(fd, buf, chunk, off) != (ssize_t)chunk)
+            exit(1);
+    *cold_rsecs = wall() - t0;
     close(fd);
     unlink(path);
     free(buf);
@@ -239,17 +256,21 @@ static int cmd_io(const char *dir) {
     if (qbm_flush(img))
         die("flush");
     const int reps = 5;
-    double best_store = 1e30, best_load = 1e30, bw = 1e30, br = 1e30;
+    double best_store = 1e30, best_load = 1e30, best_cold = 1e30, bw = 1e30, br = 1e30, bc = 1e30;
     for (int r = 0; r < reps; r++) {
-        double w, rd;
-        plain_io(raw, 32 << 20, &w, &rd);
+        double w, rd, cold;
+        plain_io(raw, 32 << 20, &w, &rd, &cold);
         if (w < bw)
             bw = w;
         if (rd < br)
             br = rd;
-        /* Change one bit so the whole bitmap is stored again. */
-        if (qbm_bitmap_set(img, "b0", (uint64_t)(r + 1) * 2 * GRAN * 64, GRAN))
-            die("set");
+        if (cold < bc)
+            bc = cold;
+        /* Change one bit (in a clean run) so the bitmap is stored again. */
+        int rc = r % 2 ? qbm_bitmap_reset(img, "b0", 24ULL << 20, GRAN)
+                       : qbm_bitmap_set(img, "b0", 24ULL << 20, GRAN);
+        if (rc)
+            die("toggle");
         double t0 = wall();
         if (qbm_flush(img))
             die("flush");
@@ -259,11 +280,16 @@ static int cmd_io(const char *dir) {
     }
     if (qbm_close(img))
         die("close");
-    for (int r = 0; r < reps; r++) {
+    for (int r = 0; r < 2 * reps; r++) {
+        /* Odd runs read from the device, even ones from the page cache. */
+        if (r % 2)
+            drop_cache(path);
         double t0 = wall();
         struct qbm_image *ro = open_img(path, 0);
         double t = wall() - t0;
-        if (t < best_load)
+        if (r % 2 && t < best_cold)
+            best_cold = t;
+        if (!(r % 2) && t < best_load)
             best_load = t;
         uint64_t dirty;
         if (qbm_bitmap_dirty_bytes(ro, "b0", &dirty) || dirty < size / 2 - size / 100)
@@ -275,6 +301,8 @@ static int cmd_io(const char *dir) {
     emit("io_seq_write_mibps", mib / bw);
     emit("io_load_mibps", mib / best_load);
     emit("io_seq_read_mibps", mib / br);
+    emit("io_load_cold_mibps", mib / best_cold);
+    emit("io_seq_read_cold_mibps", mib / bc);
     /* Sparse: 10 dirty granules; bytes written by the store. */
     img = create(path, size);
     if (qbm_bitmap_add(img, "b0", GRAN, 0))

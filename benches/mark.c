@@ -140,7 +140,7 @@ int main(int argc, char **argv) {
     char path[4096];
     snprintf(path, sizeof path, "%s/mark.qcow2", argv[1]);
     unlink(path);
-    struct qbm_create_options o = {sizeof o, disk, 0, 0, 0};
+    struct qbm_create_options o = {.struct_size = sizeof o, .virtual_size = disk};
     struct qbm_image *img;
     if (qbm_create(path, &o, &img) || qbm_bitmap_add(img, "a", 1 << GRAN_BITS, 0) ||
         qbm_bitmap_add(img, "b", 1 << GRAN_BITS, 0)) {

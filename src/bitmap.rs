@@ -448,7 +448,7 @@ impl DirtyBitmap {
             let take = (n - pos).min(BLOCK_BYTES as usize - in_block);
             let src = &data[pos..pos + take];
             pos += take;
-            if src.iter().all(|&x| x == 0) {
+            if src.chunks(8).all(|c| c.iter().fold(0, |a, &x| a | x) == 0) {
                 continue;
             }
             let mut bytes = [0u8; BLOCK_BYTES as usize];
@@ -466,6 +466,90 @@ impl DirtyBitmap {
         if changed {
             self.note_modified();
         }
+    }
+
+    /// [`DirtyBitmap::write_serialized`] for a bitmap nobody else can see
+    /// yet (being loaded): whole blocks are copied in with plain stores, no
+    /// compare-and-swap or locked OR per block. All-zero blocks allocate
+    /// nothing.
+    pub fn load_serialized(&mut self, byte_offset: u64, data: &[u8]) {
+        let Some(n) = self.serialized_span(byte_offset, data.len()) else {
+            return;
+        };
+        let data = &data[..n];
+        // Whole blocks that end before the last word (which needs masking).
+        let head = ((BLOCK_BYTES - byte_offset % BLOCK_BYTES) % BLOCK_BYTES) as usize;
+        let last_full_block = (self.word_count.saturating_sub(1)) / BLOCK_WORDS;
+        if head >= data.len() {
+            self.write_serialized(byte_offset, data);
+            return;
+        }
+        self.write_serialized(byte_offset, &data[..head]);
+        self.populate_for(&data[head..]);
+        let mut pos = head;
+        let mut changed = false;
+        while pos + BLOCK_BYTES as usize <= data.len() {
+            let b = (byte_offset + pos as u64) / BLOCK_BYTES;
+            if b >= last_full_block {
+                break;
+            }
+            let src = &data[pos..pos + BLOCK_BYTES as usize];
+            pos += BLOCK_BYTES as usize;
+            let mut words = [0u64; BLOCK_WORDS as usize];
+            let mut any = 0;
+            for (w, chunk) in words.iter_mut().zip(src.chunks_exact(8)) {
+                *w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+                any |= *w;
+            }
+            if any == 0 {
+                continue;
+            }
+            changed = true;
+            let slot = &self.table()[b as usize];
+            let id = slot.load(Relaxed);
+            if id != NO_BLOCK {
+                let blk = self.block_at(id);
+                for (word, v) in blk.iter().zip(&words) {
+                    word.store(word.load(Relaxed) | v, Relaxed);
+                }
+            } else {
+                let id = self.alloc_block();
+                for (word, v) in self.block_at(id).iter().zip(&words) {
+                    word.store(*v, Relaxed);
+                }
+                self.table()[b as usize].store(id, Relaxed);
+            }
+            let (sw, bit) = self.summary_slot(b);
+            sw.store(sw.load(Relaxed) | bit, Relaxed);
+        }
+        if changed {
+            self.note_modified();
+        }
+        self.write_serialized(byte_offset + pos as u64, &data[pos..]);
+    }
+
+    /// Commits, in one call, the arena pages the nonzero blocks of `data`
+    /// are about to fill: one madvise instead of a page fault per 4 KiB.
+    /// Pages for zero blocks are not touched, so sparse loads stay small.
+    fn populate_for(&self, data: &[u8]) {
+        let blocks = data
+            .chunks_exact(BLOCK_BYTES as usize)
+            .filter(|b| b.chunks_exact(8).any(|w| w != [0; 8]))
+            .count() as u64;
+        let first = self.next_block.load(Relaxed).min(self.arena_blocks);
+        let end = (first + blocks).min(self.arena_blocks);
+        if end - first < 64 {
+            return; // a couple of pages: faulting them is as cheap
+        }
+        let page = 4096;
+        let start = (first * BLOCK_BYTES) / page * page;
+        let stop = (end * BLOCK_BYTES).div_ceil(page) * page;
+        // Best effort: kernels before 5.14 refuse it, and the pages fault in.
+        let _ = self.map.advise_range(
+            memmap2::Advice::PopulateWrite,
+            start as usize,
+            (stop.min(self.summary_off as u64) - start) as usize,
+        );
     }
 
     /// Sets every bit covered by serialized bytes `[byte_offset, byte_offset + len)`
@@ -1353,6 +1437,45 @@ mod tests {
         bm.write_serialized(0, &data);
         assert_eq!(bm.allocated_block_bytes(), 2 * BLOCK_BYTES);
         assert_eq!(runs(&bm), [(5000 * 8 + 4, 1), (700_000 * 8, 1)]);
+    }
+
+    #[test]
+    fn load_serialized_matches_write_serialized() {
+        for size in [
+            1u64,
+            1000 * 512 + 3,
+            5 * BLOCK_BITS * 512,
+            77 * BLOCK_BITS * 512 - 9,
+        ] {
+            let bytes = DirtyBitmap::new(size, 9).unwrap().serialized_len() as usize;
+            let mut data = vec![0u8; bytes + 40];
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for (i, d) in data.iter_mut().enumerate() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Zero stretches, ones and random bytes.
+                *d = match (i / 300) % 3 {
+                    0 => 0,
+                    1 => 0xff,
+                    _ => x as u8,
+                };
+            }
+            for start in [0usize, 1, 127, 128, 200] {
+                let a = DirtyBitmap::new(size, 9).unwrap();
+                let mut b = DirtyBitmap::new(size, 9).unwrap();
+                b.set_bits(3, 1);
+                a.set_bits(3, 1);
+                let start = start.min(data.len());
+                let end = data.len().min(start + bytes);
+                a.write_serialized(start as u64, &data[start..end]);
+                b.load_serialized(start as u64, &data[start..end]);
+                assert_eq!(serialized(&a), serialized(&b), "size {size} start {start}");
+                assert_eq!(runs(&a), runs(&b));
+                assert_summary_covers(&b);
+                assert_eq!(a.allocated_block_bytes(), b.allocated_block_bytes());
+            }
+        }
     }
 
     #[test]
