@@ -22,7 +22,7 @@ CTEST_LINK := -I include -L $(LIBDIR_OUT) -Wl,-rpath,$(abspath $(LIBDIR_OUT)) -l
 C_TESTS    := $(patsubst c-tests/%.c,$(OUT)/c-tests/%,$(filter-out c-tests/demo.c,$(wildcard c-tests/*.c)))
 
 
-.PHONY: all lib bin check-install check check-rust check-header check-c check-python check-readme demo install clean
+.PHONY: all lib bin bench check-install check check-rust check-header check-c check-python check-readme demo install clean
 
 all: lib bin
 
@@ -128,3 +128,14 @@ check-install: lib
 clean:
 	$(CARGO) clean
 	rm -rf $(OUT)
+
+# make bench: issue 5's figures against QEMU's tools and bare-C limits,
+# measured in the same run; prints one table, writes bench-results.json.
+BENCH_BINS := $(OUT)/bench/mark $(OUT)/bench/lib
+
+$(OUT)/bench/%: benches/%.c include/qbm.h lib
+	@mkdir -p $(dir $@)
+	$(CC) $(CWARN) -O2 -g -o $@ $< $(CTEST_LINK)
+
+bench: lib bin $(BENCH_BINS)
+	python3 benches/run.py $(OUT)

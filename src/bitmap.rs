@@ -1,16 +1,31 @@
-//! In-memory dirty bitmap: lock-free marking, lazily committed storage and a
-//! summary level so walks skip clean regions.
+//! In-memory dirty bitmap: lock-free marking, memory committed only where
+//! bits are set, and a summary level so walks skip clean regions.
 //!
 //! Bit `k` covers guest bytes `[k * granularity, (k + 1) * granularity)` and
 //! lives in word `k / 64` at bit `k % 64`. The little-endian bytes of the words
 //! in order are therefore exactly the on-disk (QEMU) serialization, in which
 //! bit `k` is bit `k % 8` of byte `k / 8`.
 //!
-//! Words are grouped in chunks of 64 words (4096 bits, 512 serialized bytes).
-//! Each chunk has one summary bit meaning "may hold set bits": a clear summary
-//! bit guarantees an all-zero chunk, so walks, clears and serialization skip it
-//! without touching its memory. The words live in an anonymous mapping, which
-//! the kernel commits page by page on first write.
+//! Layout: words are grouped in blocks of 16 (1024 bits, 128 serialized
+//! bytes, two cache lines). A block exists only once a bit in it has been
+//! set: a table of `u32` block numbers (0 = no block, reads as zeros) points
+//! into an arena of blocks, handed out in the order they are first touched.
+//! A disk with scattered dirty granules therefore costs one 128-byte block
+//! per granule, packed densely, instead of one 4 KiB page per granule as a
+//! flat map would (10,000 scattered granules on a 16 TiB disk at 64 KiB:
+//! about 2.3 MiB instead of 23 MiB). The arena, the table and the summary
+//! live in one anonymous mapping that the kernel commits page by page on
+//! first write, so nothing is allocated on the marking path.
+//!
+//! Installing a block is lock-free: the first marker of a block takes a free
+//! block (from a stack of returned blocks, else the next arena block) and
+//! installs it with a compare-and-swap; a thread that loses the race returns
+//! its block to the stack and uses the winner's. Blocks stay installed until
+//! the bitmap is dropped; clearing zeroes them.
+//!
+//! Each block has one summary bit meaning "may hold set bits": a clear summary
+//! bit guarantees an all-zero block, so walks, clears and serialization skip
+//! it without touching its memory.
 //!
 //! Memory ordering: reads that only observe (walks, counts, serialization) are
 //! `Relaxed`; consistency with a store to disk comes from the caller's locks,
@@ -20,36 +35,71 @@
 //! store-buffering pattern in which weaker orderings could leave a set data bit
 //! under a clear summary bit (likewise RMW(data) then load(modified) against
 //! `take_modified`). On x86 these compile to the same instructions as `Relaxed`.
+//! Block numbers are published with release/acquire, so a block's zeroed (or
+//! pre-filled) words are visible to whoever finds it in the table.
 
 use std::fmt;
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64};
+use std::sync::{Arc, OnceLock};
 
-use memmap2::MmapMut;
+use memmap2::{MmapMut, UncheckedAdvice};
 
 const WORD_BITS: u64 = 64;
-const CHUNK_WORDS: u64 = 64;
-const CHUNK_BITS: u64 = WORD_BITS * CHUNK_WORDS;
-const CHUNK_BYTES: u64 = CHUNK_BITS / 8;
+const BLOCK_WORDS: u64 = 16;
+const BLOCK_BITS: u64 = WORD_BITS * BLOCK_WORDS;
+const BLOCK_BYTES: u64 = BLOCK_BITS / 8;
 const SUMMARY_BITS: u64 = 64;
+/// Arena blocks beyond one per block of the bitmap. A block is taken from the
+/// arena's end only when the free stack is empty, so the arena runs short
+/// only if more than this many threads install blocks at the same instant;
+/// a thread that finds it exhausted yields until a racing loser returns one.
+const SPARE_BLOCKS: u64 = 1024;
+/// Table value of a block that does not exist (reads as zeros).
+const NO_BLOCK: u32 = 0;
 
 /// A dirty bitmap over a virtual disk; all methods take `&self` and are safe to
 /// call concurrently.
 pub struct DirtyBitmap {
-    /// Data words; only ever accessed through [`DirtyBitmap::words`].
+    /// Arena, summary and table (in that order); only ever accessed through
+    /// [`DirtyBitmap::arena`], [`DirtyBitmap::summary`], [`DirtyBitmap::table`].
     map: MmapMut,
-    /// Number of data words (`ceil(bit_count / 64)`), fits in `usize`.
+    /// `map`'s first byte (the mapping never moves while `map` lives).
+    base: *const u8,
+    /// Blocks the arena can hold (`block_count + SPARE_BLOCKS`).
+    arena_blocks: u64,
+    /// Byte offsets of the summary and the table in `map`.
+    summary_off: usize,
+    summary_words: u64,
+    table_off: usize,
+    /// Number of data words (`ceil(bit_count / 64)`).
     word_count: u64,
-    /// One bit per chunk, set before any data bit of the chunk is visible as
-    /// settled (see the module docs).
-    summary: Vec<AtomicU64>,
+    /// Number of blocks covering the words (`ceil(word_count / 16)`).
+    block_count: u64,
+    /// Arena blocks handed out from the end so far (may overshoot `arena_blocks`).
+    next_block: AtomicU64,
+    /// Stack of returned blocks: low 32 bits the top block number (0 = empty),
+    /// high 32 bits a tag bumped on every change (against ABA). A free
+    /// block's word 0 holds the number of the block below it.
+    free_head: AtomicU64,
     size: u64,
     granularity_bits: u32,
     bit_count: u64,
     modified: AtomicBool,
+    /// Set when a resize replaces this bitmap: marks that still reach it
+    /// (through a list published before the replacement) go on to the new
+    /// one too, so none is lost however late it lands.
+    successor: OnceLock<Arc<DirtyBitmap>>,
 }
+
+// SAFETY: `base` points into `map`, which the bitmap owns and which is only
+// ever accessed through atomic views; sharing those between threads is what
+// atomics are for, and moving the bitmap does not move the mapping.
+unsafe impl Send for DirtyBitmap {}
+// SAFETY: as for Send: every access through `base` is atomic.
+unsafe impl Sync for DirtyBitmap {}
 
 impl fmt::Debug for DirtyBitmap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -94,30 +144,53 @@ impl DirtyBitmap {
         let too_big = || io::Error::new(io::ErrorKind::OutOfMemory, "dirty bitmap too large");
         let bit_count = size.div_ceil(1 << granularity_bits);
         let word_count = bit_count.div_ceil(WORD_BITS);
-        let summary_len = word_count.div_ceil(CHUNK_WORDS).div_ceil(SUMMARY_BITS);
-        let map_len = usize::try_from(word_count.max(1))
-            .ok()
-            .and_then(|w| w.checked_mul(8))
-            .ok_or_else(too_big)?;
-        let summary_len = usize::try_from(summary_len).map_err(|_| too_big())?;
-
-        // map_anon of 0 bytes fails, hence the one-word minimum above.
+        let block_count = word_count.div_ceil(BLOCK_WORDS);
+        let arena_blocks = block_count + SPARE_BLOCKS;
+        // Block numbers are u32 and 0 means "none".
+        if arena_blocks >= u64::from(u32::MAX) {
+            return Err(too_big());
+        }
+        let summary_words = block_count.div_ceil(SUMMARY_BITS);
+        let arena_len = arena_blocks * BLOCK_BYTES;
+        let summary_off = arena_len;
+        let table_off = summary_off + summary_words * 8;
+        let map_len = table_off + block_count * 4;
+        let map_len = usize::try_from(map_len).map_err(|_| too_big())?;
         let map = MmapMut::map_anon(map_len)?;
-        let mut summary = Vec::new();
-        summary
-            .try_reserve_exact(summary_len)
-            .map_err(|_| too_big())?;
-        summary.resize_with(summary_len, || AtomicU64::new(0));
-
         Ok(DirtyBitmap {
+            base: map.as_ptr(),
             map,
+            arena_blocks,
+            summary_off: summary_off as usize,
+            summary_words,
+            table_off: table_off as usize,
             word_count,
-            summary,
+            block_count,
+            next_block: AtomicU64::new(0),
+            free_head: AtomicU64::new(0),
             size,
             granularity_bits,
             bit_count,
             modified: AtomicBool::new(false),
+            successor: OnceLock::new(),
         })
+    }
+
+    /// Makes every later mark of this bitmap also mark `next` (see
+    /// `successor`). Callers then merge this bitmap into `next`: a mark that
+    /// saw no successor landed before that merge reads it.
+    pub fn forward_to(&self, next: Arc<DirtyBitmap>) {
+        let _ = self.successor.set(next);
+        // Orders the successor store before the merge's reads, against the
+        // markers' bit update followed by their successor load.
+        std::sync::atomic::fence(SeqCst);
+    }
+
+    #[inline]
+    fn forward(&self, offset: u64, len: u64) {
+        if let Some(next) = self.successor.get() {
+            next.mark_bytes(offset, len);
+        }
     }
 
     /// Size of the disk in bytes.
@@ -155,17 +228,21 @@ impl DirtyBitmap {
             // Common case (a write within one granule): skip the range math.
             first < self.bit_count && self.or_word(first / WORD_BITS, 1 << (first % WORD_BITS))
         } else {
-            let end = first.saturating_add(count).min(self.bit_count);
-            let mut changed = false;
-            if first < end {
-                for w in first / WORD_BITS..=(end - 1) / WORD_BITS {
-                    changed |= self.or_word(w, word_mask(w, first, end));
-                }
-            }
-            changed
+            self.set_range(first, count)
         };
         if changed {
             self.note_modified();
+        }
+        changed
+    }
+
+    fn set_range(&self, first: u64, count: u64) -> bool {
+        let end = first.saturating_add(count).min(self.bit_count);
+        let mut changed = false;
+        if first < end {
+            for w in first / WORD_BITS..=(end - 1) / WORD_BITS {
+                changed |= self.or_word(w, word_mask(w, first, end));
+            }
         }
         changed
     }
@@ -176,18 +253,18 @@ impl DirtyBitmap {
         if first >= end {
             return;
         }
-        let words = self.words();
         let mut changed = false;
-        for c in self.flagged_chunks(first / CHUNK_BITS, (end - 1) / CHUNK_BITS) {
-            let chunk_end = (c.saturating_add(1) * CHUNK_BITS).min(self.bit_count);
-            if first <= c * CHUNK_BITS && end >= chunk_end {
-                // Whole chunk: also drop its summary bit so it stops costing walks.
-                changed |= self.clear_chunk(c);
+        for b in self.flagged_blocks(first / BLOCK_BITS, (end - 1) / BLOCK_BITS) {
+            let block_end = ((b + 1) * BLOCK_BITS).min(self.bit_count);
+            if first <= b * BLOCK_BITS && end >= block_end {
+                // Whole block: also drop its summary bit so it stops costing walks.
+                changed |= self.clear_block(b);
                 continue;
             }
-            for w in self.chunk_words_in(c, first, end) {
+            let Some(blk) = self.block(b) else { continue };
+            for w in self.block_words_in(b, first, end) {
                 let mask = word_mask(w, first, end);
-                let word = &words[w as usize];
+                let word = &blk[(w % BLOCK_WORDS) as usize];
                 if word.load(Relaxed) & mask != 0 {
                     changed |= word.fetch_and(!mask, SeqCst) & mask != 0;
                 }
@@ -200,16 +277,14 @@ impl DirtyBitmap {
 
     /// Value of bit `bit`; false past the end.
     pub fn get_bit(&self, bit: u64) -> bool {
-        bit < self.bit_count
-            && self.chunk_flagged(bit / CHUNK_BITS)
-            && self.words()[(bit / WORD_BITS) as usize].load(Relaxed) >> (bit % WORD_BITS) & 1 != 0
+        bit < self.bit_count && self.word(bit / WORD_BITS) >> (bit % WORD_BITS) & 1 != 0
     }
 
-    /// Clears every bit, visiting only flagged chunks.
+    /// Clears every bit, visiting only flagged blocks. Blocks stay allocated.
     pub fn clear_all(&self) {
         let mut changed = false;
-        for c in self.flagged_chunks(0, u64::MAX) {
-            changed |= self.clear_chunk(c);
+        for b in self.flagged_blocks(0, u64::MAX) {
+            changed |= self.clear_block(b);
         }
         if changed {
             self.note_modified();
@@ -218,10 +293,10 @@ impl DirtyBitmap {
 
     /// Number of set bits.
     pub fn count_set_bits(&self) -> u64 {
-        let words = self.words();
-        self.flagged_chunks(0, u64::MAX)
-            .flat_map(|c| self.chunk_words(c))
-            .map(|w| u64::from(words[w as usize].load(Relaxed).count_ones()))
+        self.flagged_blocks(0, u64::MAX)
+            .filter_map(|b| self.block(b))
+            .flat_map(|blk| blk.iter())
+            .map(|w| u64::from(w.load(Relaxed).count_ones()))
             .sum()
     }
 
@@ -247,13 +322,43 @@ impl DirtyBitmap {
     /// clamped to `size()`; true if any bit went 0 -> 1.
     #[inline]
     pub fn mark_bytes(&self, offset: u64, len: u64) -> bool {
+        let changed = self.mark_bytes_here(offset, len);
+        self.forward(offset, len);
+        changed
+    }
+
+    fn mark_bytes_here(&self, offset: u64, len: u64) -> bool {
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
             return false;
         }
         let first = offset >> self.granularity_bits;
         let last = (end - 1) >> self.granularity_bits;
+        if first == last {
+            // first < bit_count because offset < size.
+            let changed = self.set_bit_fast(first);
+            if changed {
+                self.note_modified();
+            }
+            return changed;
+        }
         self.set_bits(first, last - first + 1)
+    }
+
+    /// Sets bit `bit` (`< bit_count`): the per-write path.
+    #[inline]
+    fn set_bit_fast(&self, bit: u64) -> bool {
+        self.hot().set_bit(bit, self)
+    }
+
+    /// The raw pointers of the marking path.
+    #[inline]
+    fn hot(&self) -> Hot {
+        Hot {
+            arena: self.base.cast(),
+            summary: self.base.wrapping_add(self.summary_off).cast(),
+            table: self.base.wrapping_add(self.table_off).cast(),
+        }
     }
 
     /// Next dirty extent in guest bytes at or after `from`, as `(start, len)`,
@@ -285,7 +390,7 @@ impl DirtyBitmap {
 
     /// ORs `other` into `self`; true if any bit of `self` changed.
     ///
-    /// Same granularity ORs words directly (bits past `self.bit_count()` are
+    /// Same granularity ORs blocks directly (bits past `self.bit_count()` are
     /// dropped); otherwise every dirty byte extent of `other` is marked.
     pub fn merge_from(&self, other: &DirtyBitmap) -> bool {
         if std::ptr::eq(self, other) {
@@ -303,18 +408,20 @@ impl DirtyBitmap {
             }
             return changed;
         }
-        let src = other.words();
         let mut changed = false;
-        'chunks: for c in other.flagged_chunks(0, u64::MAX) {
-            for w in other.chunk_words(c) {
-                if w >= self.word_count {
-                    break 'chunks;
-                }
-                let v = src[w as usize].load(Relaxed) & word_mask(w, 0, self.bit_count);
-                if v != 0 {
-                    changed |= self.or_word(w, v);
+        for b in other.flagged_blocks(0, u64::MAX) {
+            if b >= self.block_count {
+                break;
+            }
+            let Some(src) = other.block(b) else { continue };
+            let mut words = [0u64; BLOCK_WORDS as usize];
+            for (i, (d, s)) in words.iter_mut().zip(src).enumerate() {
+                let w = b * BLOCK_WORDS + i as u64;
+                if w < self.word_count {
+                    *d = s.load(Relaxed) & word_mask(w, 0, self.bit_count);
                 }
             }
+            changed |= self.or_block(b, &words);
         }
         if changed {
             self.note_modified();
@@ -325,33 +432,37 @@ impl DirtyBitmap {
     // ---- serialization ----
 
     /// Copies serialized bytes `[byte_offset, byte_offset + buf.len())` into
-    /// `buf`; bytes past `serialized_len()` read as 0. Clean chunks are not read.
+    /// `buf`; bytes past `serialized_len()` read as 0. Clean blocks are not read.
     pub fn read_serialized(&self, byte_offset: u64, buf: &mut [u8]) {
-        buf.fill(0);
         let Some(n) = self.serialized_span(byte_offset, buf.len()) else {
+            buf.fill(0);
             return;
         };
-        let words = self.words();
+        buf[n..].fill(0);
         let mut pos = 0;
         while pos < n {
             let byte = byte_offset + pos as u64;
-            let w = byte / 8;
-            if !self.chunk_flagged(w / CHUNK_WORDS) {
-                // Skip to the next chunk; buf is already zero there.
-                let to_chunk_end = CHUNK_BYTES - byte % CHUNK_BYTES;
-                pos += (n - pos).min(to_chunk_end as usize);
-                continue;
+            let b = byte / BLOCK_BYTES;
+            let in_block = (byte % BLOCK_BYTES) as usize;
+            let take = (n - pos).min(BLOCK_BYTES as usize - in_block);
+            let out = &mut buf[pos..pos + take];
+            match self.flagged_block(b) {
+                None => out.fill(0),
+                Some(blk) => {
+                    let mut bytes = [0u8; BLOCK_BYTES as usize];
+                    for (chunk, w) in bytes.chunks_exact_mut(8).zip(blk) {
+                        chunk.copy_from_slice(&w.load(Relaxed).to_le_bytes());
+                    }
+                    out.copy_from_slice(&bytes[in_block..in_block + take]);
+                }
             }
-            let off = (byte % 8) as usize;
-            let take = (8 - off).min(n - pos);
-            let bytes = words[w as usize].load(Relaxed).to_le_bytes();
-            buf[pos..pos + take].copy_from_slice(&bytes[off..off + take]);
             pos += take;
         }
     }
 
     /// ORs serialized bytes into the bitmap at `byte_offset` (loading from
-    /// disk). All-zero words are skipped; bits past `bit_count()` are dropped.
+    /// disk). All-zero blocks are skipped and allocate nothing; bits past
+    /// `bit_count()` are dropped.
     pub fn write_serialized(&self, byte_offset: u64, data: &[u8]) {
         let Some(n) = self.serialized_span(byte_offset, data.len()) else {
             return;
@@ -360,20 +471,113 @@ impl DirtyBitmap {
         let mut pos = 0;
         while pos < n {
             let byte = byte_offset + pos as u64;
-            let w = byte / 8;
-            let off = (byte % 8) as usize;
-            let take = (8 - off).min(n - pos);
-            let mut bytes = [0; 8];
-            bytes[off..off + take].copy_from_slice(&data[pos..pos + take]);
-            let v = u64::from_le_bytes(bytes) & word_mask(w, 0, self.bit_count);
-            if v != 0 {
-                changed |= self.or_word(w, v);
-            }
+            let b = byte / BLOCK_BYTES;
+            let in_block = (byte % BLOCK_BYTES) as usize;
+            let take = (n - pos).min(BLOCK_BYTES as usize - in_block);
+            let src = &data[pos..pos + take];
             pos += take;
+            if src.chunks(8).all(|c| c.iter().fold(0, |a, &x| a | x) == 0) {
+                continue;
+            }
+            let mut bytes = [0u8; BLOCK_BYTES as usize];
+            bytes[in_block..in_block + take].copy_from_slice(src);
+            let mut words = [0u64; BLOCK_WORDS as usize];
+            for (i, (w, chunk)) in words.iter_mut().zip(bytes.chunks_exact(8)).enumerate() {
+                let wi = b * BLOCK_WORDS + i as u64;
+                if wi < self.word_count {
+                    *w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"))
+                        & word_mask(wi, 0, self.bit_count);
+                }
+            }
+            changed |= self.or_block(b, &words);
         }
         if changed {
             self.note_modified();
         }
+    }
+
+    /// [`DirtyBitmap::write_serialized`] for a bitmap nobody else can see
+    /// yet (being loaded): whole blocks are copied in with plain stores, no
+    /// compare-and-swap or locked OR per block. All-zero blocks allocate
+    /// nothing.
+    pub fn load_serialized(&mut self, byte_offset: u64, data: &[u8]) {
+        let Some(n) = self.serialized_span(byte_offset, data.len()) else {
+            return;
+        };
+        let data = &data[..n];
+        // Whole blocks that end before the last word (which needs masking).
+        let head = ((BLOCK_BYTES - byte_offset % BLOCK_BYTES) % BLOCK_BYTES) as usize;
+        let last_full_block = (self.word_count.saturating_sub(1)) / BLOCK_WORDS;
+        if head >= data.len() {
+            self.write_serialized(byte_offset, data);
+            return;
+        }
+        self.write_serialized(byte_offset, &data[..head]);
+        self.populate_for(&data[head..]);
+        let mut pos = head;
+        let mut changed = false;
+        while pos + BLOCK_BYTES as usize <= data.len() {
+            let b = (byte_offset + pos as u64) / BLOCK_BYTES;
+            if b >= last_full_block {
+                break;
+            }
+            let src = &data[pos..pos + BLOCK_BYTES as usize];
+            pos += BLOCK_BYTES as usize;
+            let mut words = [0u64; BLOCK_WORDS as usize];
+            let mut any = 0;
+            for (w, chunk) in words.iter_mut().zip(src.chunks_exact(8)) {
+                *w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+                any |= *w;
+            }
+            if any == 0 {
+                continue;
+            }
+            changed = true;
+            let slot = &self.table()[b as usize];
+            let id = slot.load(Relaxed);
+            if id != NO_BLOCK {
+                let blk = self.block_at(id);
+                for (word, v) in blk.iter().zip(&words) {
+                    word.store(word.load(Relaxed) | v, Relaxed);
+                }
+            } else {
+                let id = self.alloc_block();
+                for (word, v) in self.block_at(id).iter().zip(&words) {
+                    word.store(*v, Relaxed);
+                }
+                self.table()[b as usize].store(id, Relaxed);
+            }
+            let (sw, bit) = self.summary_slot(b);
+            sw.store(sw.load(Relaxed) | bit, Relaxed);
+        }
+        if changed {
+            self.note_modified();
+        }
+        self.write_serialized(byte_offset + pos as u64, &data[pos..]);
+    }
+
+    /// Commits, in one call, the arena pages the nonzero blocks of `data`
+    /// are about to fill: one madvise instead of a page fault per 4 KiB.
+    /// Pages for zero blocks are not touched, so sparse loads stay small.
+    fn populate_for(&self, data: &[u8]) {
+        let blocks = data
+            .chunks_exact(BLOCK_BYTES as usize)
+            .filter(|b| b.chunks_exact(8).any(|w| w != [0; 8]))
+            .count() as u64;
+        let first = self.next_block.load(Relaxed).min(self.arena_blocks);
+        let end = (first + blocks).min(self.arena_blocks);
+        if end - first < 64 {
+            return; // a couple of pages: faulting them is as cheap
+        }
+        let page = 4096;
+        let start = (first * BLOCK_BYTES) / page * page;
+        let stop = (end * BLOCK_BYTES).div_ceil(page) * page;
+        // Best effort: kernels before 5.14 refuse it, and the pages fault in.
+        let _ = self.map.advise_range(
+            memmap2::Advice::PopulateWrite,
+            start as usize,
+            (stop.min(self.summary_off as u64) - start) as usize,
+        );
     }
 
     /// Sets every bit covered by serialized bytes `[byte_offset, byte_offset + len)`
@@ -383,7 +587,7 @@ impl DirtyBitmap {
     }
 
     /// True if serialized bytes `[byte_offset, byte_offset + len)` are all zero.
-    /// Chunks with a clear summary bit are decided without touching memory.
+    /// Blocks with a clear summary bit are decided without touching memory.
     pub fn serialized_range_is_clean(&self, byte_offset: u64, len: u64) -> bool {
         let first = byte_offset.saturating_mul(8);
         let end = byte_offset
@@ -393,12 +597,15 @@ impl DirtyBitmap {
         if first >= end {
             return true;
         }
-        let words = self.words();
         !self
-            .flagged_chunks(first / CHUNK_BITS, (end - 1) / CHUNK_BITS)
-            .any(|c| {
-                self.chunk_words_in(c, first, end)
-                    .any(|w| words[w as usize].load(Relaxed) & word_mask(w, first, end) != 0)
+            .flagged_blocks(first / BLOCK_BITS, (end - 1) / BLOCK_BITS)
+            .any(|b| {
+                self.block(b).is_some_and(|blk| {
+                    self.block_words_in(b, first, end).any(|w| {
+                        blk[(w % BLOCK_WORDS) as usize].load(Relaxed) & word_mask(w, first, end)
+                            != 0
+                    })
+                })
             })
     }
 
@@ -422,64 +629,272 @@ impl DirtyBitmap {
         self.modified.store(true, Release);
     }
 
-    /// Rough resident size: flagged chunks times 512 bytes plus the summary.
+    /// Rough size of the bits in use: flagged blocks times 128 bytes plus
+    /// the summary.
     pub fn committed_bytes_estimate(&self) -> u64 {
         let flagged: u64 = self
-            .summary
+            .summary()
             .iter()
             .map(|s| u64::from(s.load(Relaxed).count_ones()))
             .sum();
-        flagged * CHUNK_BYTES + self.summary.len() as u64 * 8
+        flagged * BLOCK_BYTES + self.summary_words * 8
+    }
+
+    /// Bytes of arena blocks handed out (they stay allocated until drop).
+    pub fn allocated_block_bytes(&self) -> u64 {
+        self.next_block.load(Relaxed).min(self.arena_blocks) * BLOCK_BYTES
+    }
+
+    /// Gives the memory of a bitmap that is no longer used back to the
+    /// system, keeping its address range: a marker that still holds a
+    /// reference (marking threads are never waited for) reads zeros and may
+    /// touch a page again, nothing worse. The bitmap reads as clean after.
+    pub fn release_memory(&self) {
+        // Zero the bookkeeping first so no block number points past what the
+        // arena (about to read as zeros) hands out.
+        for s in self.summary() {
+            s.store(0, SeqCst);
+        }
+        for t in self.table() {
+            if t.load(Relaxed) != NO_BLOCK {
+                t.store(NO_BLOCK, SeqCst);
+            }
+        }
+        self.free_head.store(0, SeqCst);
+        // SAFETY: MADV_DONTNEED on a private anonymous mapping makes its pages
+        // read as zeros again; every access to the mapping goes through atomic
+        // views of it, for which zeros are valid values, and the mapping itself
+        // stays in place, so no reference into it dangles. Blocks handed out
+        // before remain counted in `next_block`, so none is handed out twice.
+        let _ = unsafe { self.map.unchecked_advise(UncheckedAdvice::DontNeed) };
     }
 
     // ---- private helpers ----
 
-    fn words(&self) -> &[AtomicU64] {
+    fn arena(&self) -> &[AtomicU64] {
         // SAFETY: the anonymous map is page aligned (so aligned for AtomicU64),
-        // zero-initialised and at least `word_count * 8` bytes long (checked to
-        // fit in usize in `new`). It is owned by `self`, so it outlives the
-        // returned borrow. AtomicU64 has the same size and bit validity as u64,
-        // and these bytes are only ever accessed through this atomic view.
+        // zero-initialised and starts with `arena_blocks * 128` bytes of arena
+        // (the map length was computed from them in `new`). It is owned by
+        // `self`, so it outlives the returned borrow. AtomicU64 has the same
+        // size and bit validity as u64, and these bytes are only ever accessed
+        // through this atomic view.
         unsafe {
             std::slice::from_raw_parts(
-                self.map.as_ptr().cast::<AtomicU64>(),
-                self.word_count as usize,
+                self.base.cast::<AtomicU64>(),
+                (self.arena_blocks * BLOCK_WORDS) as usize,
             )
         }
     }
 
+    fn summary(&self) -> &[AtomicU64] {
+        // SAFETY: `summary_off` is a multiple of 128 (it follows the arena),
+        // so the view is aligned; `summary_words * 8` bytes from it lie inside
+        // the map (see `new`) and are accessed only through this atomic view.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.base.add(self.summary_off).cast::<AtomicU64>(),
+                self.summary_words as usize,
+            )
+        }
+    }
+
+    fn table(&self) -> &[AtomicU32] {
+        // SAFETY: `table_off` is a multiple of 8 (it follows the summary words),
+        // so aligned for AtomicU32; `block_count * 4` bytes from it end the map
+        // (see `new`) and are accessed only through this atomic view.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.base.add(self.table_off).cast::<AtomicU32>(),
+                self.block_count as usize,
+            )
+        }
+    }
+
+    /// Words of arena block number `id` (1-based).
+    #[inline]
+    fn block_at(&self, id: u32) -> &[AtomicU64] {
+        let start = (u64::from(id) - 1) * BLOCK_WORDS;
+        &self.arena()[start as usize..(start + BLOCK_WORDS) as usize]
+    }
+
+    /// Words of block `b`, if it exists.
+    #[inline]
+    fn block(&self, b: u64) -> Option<&[AtomicU64]> {
+        let id = self.table()[b as usize].load(Acquire);
+        (id != NO_BLOCK).then(|| self.block_at(id))
+    }
+
+    /// Words of block `b` if its summary bit is set.
+    fn flagged_block(&self, b: u64) -> Option<&[AtomicU64]> {
+        if self.block_flagged(b) {
+            self.block(b)
+        } else {
+            None
+        }
+    }
+
+    /// Value of word `w` (0 for a missing block).
+    fn word(&self, w: u64) -> u64 {
+        self.block(w / BLOCK_WORDS)
+            .map_or(0, |blk| blk[(w % BLOCK_WORDS) as usize].load(Relaxed))
+    }
+
+    /// Words of block `b`, installing an empty block if there is none.
+    #[inline]
+    fn block_or_install(&self, b: u64) -> &[AtomicU64] {
+        match self.block(b) {
+            Some(blk) => blk,
+            None => self.install(b, None).0,
+        }
+    }
+
+    /// Installs a block for `b` holding `init` (zeros if None). Returns the
+    /// block now installed and whether it is ours (then it holds `init`);
+    /// otherwise another thread installed one first and ours went back.
+    #[cold]
+    fn install(&self, b: u64, init: Option<&[u64; BLOCK_WORDS as usize]>) -> (&[AtomicU64], bool) {
+        let id = self.alloc_block();
+        let blk = self.block_at(id);
+        if let Some(init) = init {
+            for (w, v) in blk.iter().zip(init) {
+                w.store(*v, Relaxed);
+            }
+        }
+        match self.table()[b as usize].compare_exchange(NO_BLOCK, id, AcqRel, Acquire) {
+            Ok(_) => (blk, true),
+            Err(winner) => {
+                self.free_block(id);
+                (self.block_at(winner), false)
+            }
+        }
+    }
+
+    /// A zeroed block nobody else holds. Never blocks unless more than
+    /// `SPARE_BLOCKS` threads are installing blocks at once (see there).
+    fn alloc_block(&self) -> u32 {
+        loop {
+            if let Some(id) = self.pop_free() {
+                // Word 0 held the stack link.
+                self.block_at(id)[0].store(0, Relaxed);
+                return id;
+            }
+            let n = self.next_block.fetch_add(1, Relaxed);
+            if n < self.arena_blocks {
+                return (n + 1) as u32;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn pop_free(&self) -> Option<u32> {
+        let mut head = self.free_head.load(Acquire);
+        loop {
+            let id = head as u32;
+            if id == NO_BLOCK {
+                return None;
+            }
+            // May read a block another thread just popped and is writing:
+            // then the tag has changed and the exchange below fails.
+            let next = self.block_at(id)[0].load(Relaxed) & u64::from(u32::MAX);
+            let new = next | ((head >> 32).wrapping_add(1) << 32);
+            match self
+                .free_head
+                .compare_exchange_weak(head, new, Acquire, Acquire)
+            {
+                Ok(_) => return Some(id),
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Returns a block that was never published (lost an install race).
+    fn free_block(&self, id: u32) {
+        let blk = self.block_at(id);
+        for w in blk {
+            w.store(0, Relaxed);
+        }
+        let mut head = self.free_head.load(Relaxed);
+        loop {
+            blk[0].store(head & u64::from(u32::MAX), Relaxed);
+            let new = u64::from(id) | ((head >> 32).wrapping_add(1) << 32);
+            match self
+                .free_head
+                .compare_exchange_weak(head, new, Release, Relaxed)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
     /// Raises the modified flag, skipping the store when already raised.
-    fn note_modified(&self) {
+    pub(crate) fn note_modified(&self) {
         if !self.modified.load(SeqCst) {
             self.modified.store(true, Release);
         }
     }
 
-    /// ORs `mask` into word `w`, then flags its chunk; true if any bit went 0 -> 1.
+    /// ORs `mask` into word `w`, then flags its block; true if any bit went 0 -> 1.
     /// Loads before each RMW so already-set words (and summary bits) stay
     /// read-only and pages without set bits are never written.
+    #[inline]
     fn or_word(&self, w: u64, mask: u64) -> bool {
-        let word = &self.words()[w as usize];
+        let b = w / BLOCK_WORDS;
+        let word = &self.block_or_install(b)[(w % BLOCK_WORDS) as usize];
         let changed =
             word.load(Relaxed) & mask != mask && word.fetch_or(mask, SeqCst) & mask != mask;
-        let (slot, bit) = self.summary_slot(w / CHUNK_WORDS);
-        if slot.load(SeqCst) & bit == 0 {
-            slot.fetch_or(bit, SeqCst);
-        }
+        self.flag_block(b);
         changed
     }
 
-    /// Clears chunk `c`: summary bit first, then the nonzero words, so a racing
-    /// `or_word` re-flags the chunk. True if any data bit was cleared.
-    fn clear_chunk(&self, c: u64) -> bool {
-        let (slot, bit) = self.summary_slot(c);
+    /// ORs `words` (already masked to `bit_count`) into block `b`. A missing
+    /// block is installed already holding them, so loading costs plain
+    /// stores. True if any bit went 0 -> 1.
+    fn or_block(&self, b: u64, words: &[u64; BLOCK_WORDS as usize]) -> bool {
+        if words.iter().all(|&w| w == 0) {
+            return false;
+        }
+        let blk = match self.block(b) {
+            Some(blk) => blk,
+            None => match self.install(b, Some(words)) {
+                (_, true) => {
+                    self.flag_block(b);
+                    return true;
+                }
+                (blk, false) => blk,
+            },
+        };
+        let mut changed = false;
+        for (word, &mask) in blk.iter().zip(words) {
+            if mask != 0 && word.load(Relaxed) & mask != mask {
+                changed |= word.fetch_or(mask, SeqCst) & mask != mask;
+            }
+        }
+        self.flag_block(b);
+        changed
+    }
+
+    /// Sets the summary bit of block `b` (after its data bits).
+    #[inline]
+    fn flag_block(&self, b: u64) {
+        let (slot, bit) = self.summary_slot(b);
+        if slot.load(SeqCst) & bit == 0 {
+            slot.fetch_or(bit, SeqCst);
+        }
+    }
+
+    /// Clears block `b`: summary bit first, then the nonzero words, so a racing
+    /// `or_word` re-flags the block. True if any data bit was cleared.
+    fn clear_block(&self, b: u64) -> bool {
+        let (slot, bit) = self.summary_slot(b);
         if slot.fetch_and(!bit, SeqCst) & bit == 0 {
             return false; // a concurrent clear owns it
         }
-        let words = self.words();
+        let Some(blk) = self.block(b) else {
+            return false;
+        };
         let mut changed = false;
-        for w in self.chunk_words(c) {
-            let word = &words[w as usize];
+        for word in blk {
             if word.load(SeqCst) != 0 {
                 changed |= word.swap(0, SeqCst) != 0;
             }
@@ -487,64 +902,65 @@ impl DirtyBitmap {
         changed
     }
 
-    fn summary_slot(&self, c: u64) -> (&AtomicU64, u64) {
+    #[inline]
+    fn summary_slot(&self, b: u64) -> (&AtomicU64, u64) {
         (
-            &self.summary[(c / SUMMARY_BITS) as usize],
-            1 << (c % SUMMARY_BITS),
+            &self.summary()[(b / SUMMARY_BITS) as usize],
+            1 << (b % SUMMARY_BITS),
         )
     }
 
-    fn chunk_flagged(&self, c: u64) -> bool {
-        let (slot, bit) = self.summary_slot(c);
+    fn block_flagged(&self, b: u64) -> bool {
+        let (slot, bit) = self.summary_slot(b);
         slot.load(Relaxed) & bit != 0
     }
 
-    /// First flagged chunk at or after `c`.
-    fn next_flagged_chunk(&self, c: u64) -> Option<u64> {
-        let mut sw = c / SUMMARY_BITS;
-        let mut v = self.summary.get(sw as usize)?.load(Relaxed) & (u64::MAX << (c % SUMMARY_BITS));
+    /// First flagged block at or after `b`.
+    fn next_flagged_block(&self, b: u64) -> Option<u64> {
+        let summary = self.summary();
+        let mut sw = b / SUMMARY_BITS;
+        let mut v = summary.get(sw as usize)?.load(Relaxed) & (u64::MAX << (b % SUMMARY_BITS));
         loop {
             if v != 0 {
                 return Some(sw * SUMMARY_BITS + u64::from(v.trailing_zeros()));
             }
             sw += 1;
-            v = self.summary.get(sw as usize)?.load(Relaxed);
+            v = summary.get(sw as usize)?.load(Relaxed);
         }
     }
 
-    /// Flagged chunks in `first..=last`, in order.
-    fn flagged_chunks(&self, first: u64, last: u64) -> impl Iterator<Item = u64> + '_ {
+    /// Flagged blocks in `first..=last`, in order.
+    fn flagged_blocks(&self, first: u64, last: u64) -> impl Iterator<Item = u64> + '_ {
         let mut next = first;
         std::iter::from_fn(move || {
-            let c = self.next_flagged_chunk(next).filter(|&c| c <= last)?;
-            next = c + 1;
-            Some(c)
+            let b = self.next_flagged_block(next).filter(|&b| b <= last)?;
+            next = b + 1;
+            Some(b)
         })
     }
 
-    /// Word indices of chunk `c`.
-    fn chunk_words(&self, c: u64) -> Range<u64> {
-        let start = c * CHUNK_WORDS;
-        start..(start + CHUNK_WORDS).min(self.word_count)
+    /// Word indices of block `b`.
+    fn block_words(&self, b: u64) -> Range<u64> {
+        let start = b * BLOCK_WORDS;
+        start..(start + BLOCK_WORDS).min(self.word_count)
     }
 
-    /// Word indices of chunk `c` that overlap bits `[first, end)` (`first < end`).
-    fn chunk_words_in(&self, c: u64, first: u64, end: u64) -> Range<u64> {
-        let words = self.chunk_words(c);
+    /// Word indices of block `b` that overlap bits `[first, end)` (`first < end`).
+    fn block_words_in(&self, b: u64, first: u64, end: u64) -> Range<u64> {
+        let words = self.block_words(b);
         words.start.max(first / WORD_BITS)..words.end.min((end - 1) / WORD_BITS + 1)
     }
 
-    /// First set bit at or after `from`, skipping clean chunks.
+    /// First set bit at or after `from`, skipping clean blocks.
     fn find_set(&self, from: u64) -> Option<u64> {
         if from >= self.bit_count {
             return None;
         }
-        let words = self.words();
         let from_word = from / WORD_BITS;
-        for c in self.flagged_chunks(from_word / CHUNK_WORDS, u64::MAX) {
-            let chunk = self.chunk_words(c);
-            for w in chunk.start.max(from_word)..chunk.end {
-                let mut v = words[w as usize].load(Relaxed);
+        for b in self.flagged_blocks(from_word / BLOCK_WORDS, u64::MAX) {
+            let Some(blk) = self.block(b) else { continue };
+            for w in self.block_words(b).start.max(from_word)..self.block_words(b).end {
+                let mut v = blk[(w % BLOCK_WORDS) as usize].load(Relaxed);
                 if w == from_word {
                     v &= u64::MAX << (from % WORD_BITS);
                 }
@@ -558,21 +974,23 @@ impl DirtyBitmap {
 
     /// First clear bit at or after `from` (`< bit_count`), or `bit_count`.
     /// Runs of full words are skipped by comparing with `u64::MAX`; a clean
-    /// chunk ends the run at its first bit without being read.
+    /// block ends the run at its first bit without being read.
     fn find_clear(&self, from: u64) -> u64 {
-        let words = self.words();
         let from_word = from / WORD_BITS;
-        for w in from_word..self.word_count {
-            if (w == from_word || w % CHUNK_WORDS == 0) && !self.chunk_flagged(w / CHUNK_WORDS) {
-                return (w * WORD_BITS).max(from);
-            }
-            let mut v = words[w as usize].load(Relaxed);
-            if w == from_word {
-                v |= !(u64::MAX << (from % WORD_BITS));
-            }
-            if v != u64::MAX {
-                let bit = w * WORD_BITS + u64::from(v.trailing_ones());
-                return bit.min(self.bit_count);
+        for b in from_word / BLOCK_WORDS..self.block_count {
+            let Some(blk) = self.flagged_block(b) else {
+                return (b * BLOCK_BITS).max(from).min(self.bit_count);
+            };
+            let words = self.block_words(b);
+            for w in words.start.max(from_word)..words.end {
+                let mut v = blk[(w % BLOCK_WORDS) as usize].load(Relaxed);
+                if w == from_word {
+                    v |= !(u64::MAX << (from % WORD_BITS));
+                }
+                if v != u64::MAX {
+                    let bit = w * WORD_BITS + u64::from(v.trailing_ones());
+                    return bit.min(self.bit_count);
+                }
             }
         }
         self.bit_count
@@ -592,6 +1010,99 @@ impl DirtyBitmap {
         let avail = self.serialized_len().checked_sub(byte_offset)?;
         let n = usize::try_from(avail).map_or(len, |a| a.min(len));
         (n > 0).then_some(n)
+    }
+}
+
+/// Pointers into a bitmap's mapping, for the marking path.
+#[derive(Clone, Copy)]
+struct Hot {
+    arena: *const AtomicU64,
+    summary: *const AtomicU64,
+    table: *const AtomicU32,
+}
+
+impl Hot {
+    /// Sets bit `bit` of `bm` (whose mapping `self` points into; `bit <
+    /// bm.bit_count`) without bounds checks: a few loads when the bit is
+    /// already set. Does not raise `modified`; true if the bit went 0 -> 1.
+    #[inline(always)]
+    fn set_bit(self, bit: u64, bm: &DirtyBitmap) -> bool {
+        debug_assert!(bit < bm.bit_count);
+        let b = bit / BLOCK_BITS;
+        let w = bit / WORD_BITS;
+        let mask = 1u64 << (bit % WORD_BITS);
+        // SAFETY: `bit < bit_count`, so `b < block_count`: the table entry
+        // lies inside the map, which `bm` owns (see `DirtyBitmap::new`).
+        let id = unsafe { &*self.table.add(b as usize) }.load(Acquire);
+        if id == NO_BLOCK {
+            return bm.or_word(w, mask);
+        }
+        debug_assert!(u64::from(id) <= bm.arena_blocks);
+        let index = (u64::from(id) - 1) * BLOCK_WORDS + w % BLOCK_WORDS;
+        // SAFETY: installed block numbers come from `alloc_block`, which hands
+        // out 1..=arena_blocks only, so the word lies inside the arena.
+        let word = unsafe { &*self.arena.add(index as usize) };
+        let changed = word.load(Relaxed) & mask == 0 && word.fetch_or(mask, SeqCst) & mask == 0;
+        // SAFETY: `b < block_count`, so its summary word lies inside the
+        // summary (see `DirtyBitmap::new`).
+        let slot = unsafe { &*self.summary.add((b / SUMMARY_BITS) as usize) };
+        let sbit = 1u64 << (b % SUMMARY_BITS);
+        if slot.load(SeqCst) & sbit == 0 {
+            slot.fetch_or(sbit, SeqCst);
+        }
+        changed
+    }
+}
+
+/// What marking needs of one bitmap, copied out of it so that a mark follows
+/// no pointer but into the bitmap's own memory. Holds the bitmap alive.
+pub struct Marker {
+    hot: Hot,
+    granularity_bits: u32,
+    size: u64,
+    bitmap: Arc<DirtyBitmap>,
+}
+
+// SAFETY: the pointers in `hot` point into the mapping of `bitmap`, which the
+// marker keeps alive; they are only used for atomic accesses.
+unsafe impl Send for Marker {}
+// SAFETY: as for Send.
+unsafe impl Sync for Marker {}
+
+impl Marker {
+    pub fn new(bitmap: Arc<DirtyBitmap>) -> Marker {
+        Marker {
+            hot: bitmap.hot(),
+            granularity_bits: bitmap.granularity_bits,
+            size: bitmap.size,
+            bitmap,
+        }
+    }
+
+    pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
+        &self.bitmap
+    }
+
+    /// [`DirtyBitmap::mark_bytes`], with a fast path for writes within one
+    /// granule.
+    #[inline]
+    pub fn mark_bytes(&self, offset: u64, len: u64) -> bool {
+        let last = offset.wrapping_add(len).wrapping_sub(1);
+        if len == 0
+            || last < offset
+            || last >= self.size
+            || offset >> self.granularity_bits != last >> self.granularity_bits
+        {
+            return self.bitmap.mark_bytes(offset, len);
+        }
+        let changed = self
+            .hot
+            .set_bit(offset >> self.granularity_bits, &self.bitmap);
+        if changed {
+            self.bitmap.note_modified();
+        }
+        self.bitmap.forward(offset, len);
+        changed
     }
 }
 
@@ -622,11 +1133,11 @@ mod tests {
         out
     }
 
-    /// Every nonzero word must have its chunk flagged.
+    /// Every nonzero word must have its block flagged.
     fn assert_summary_covers(bm: &DirtyBitmap) {
-        for (w, word) in bm.words().iter().enumerate() {
-            if word.load(Relaxed) != 0 {
-                assert!(bm.chunk_flagged(w as u64 / CHUNK_WORDS), "word {w}");
+        for w in 0..bm.word_count {
+            if bm.word(w) != 0 {
+                assert!(bm.block_flagged(w / BLOCK_WORDS), "word {w}");
             }
         }
     }
@@ -700,7 +1211,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let a = DirtyBitmap::new(3 * CHUNK_BITS * 4096 + 12345, 12).unwrap();
+        let a = DirtyBitmap::new(3 * BLOCK_BITS * 4096 + 12345, 12).unwrap();
         for (first, count) in [
             (0, 1),
             (5, 70),
@@ -712,7 +1223,7 @@ mod tests {
         }
         let bytes = serialized(&a);
         let b = DirtyBitmap::new(a.size(), 12).unwrap();
-        // Load in odd-sized pieces to cross word and chunk boundaries.
+        // Load in odd-sized pieces to cross word and block boundaries.
         for (i, piece) in bytes.chunks(333).enumerate() {
             b.write_serialized(i as u64 * 333, piece);
         }
@@ -724,57 +1235,57 @@ mod tests {
     #[test]
     fn runs_and_extents() {
         let bm = DirtyBitmap::new(100_000 * 512 + 1, 9).unwrap();
-        bm.set_bits(10, 3 * CHUNK_BITS); // crosses chunk boundaries
+        bm.set_bits(10, 3 * BLOCK_BITS); // crosses block boundaries
         bm.set_bits(20_000, 1);
         bm.set_bits(bm.bit_count() - 1, 1);
         assert_eq!(
             runs(&bm),
-            [(10, 3 * CHUNK_BITS), (20_000, 1), (bm.bit_count() - 1, 1)]
+            [(10, 3 * BLOCK_BITS), (20_000, 1), (bm.bit_count() - 1, 1)]
         );
-        assert_eq!(bm.next_set_run(100), Some((100, 3 * CHUNK_BITS - 90)));
+        assert_eq!(bm.next_set_run(100), Some((100, 3 * BLOCK_BITS - 90)));
         assert_eq!(
             bm.next_dirty_extent(10 * 512 + 7),
-            Some((10 * 512 + 7, 3 * CHUNK_BITS * 512 - 7))
+            Some((10 * 512 + 7, 3 * BLOCK_BITS * 512 - 7))
         );
         let last = bm.next_dirty_extent(20_001 * 512).unwrap();
         assert_eq!(last, ((bm.bit_count() - 1) * 512, 1));
-        assert_eq!(bm.dirty_bytes(), (3 * CHUNK_BITS + 1) * 512 + 1);
+        assert_eq!(bm.dirty_bytes(), (3 * BLOCK_BITS + 1) * 512 + 1);
         assert!(!bm.serialized_range_is_clean(2, 1));
-        assert!(bm.serialized_range_is_clean(2 + 3 * CHUNK_BYTES, 100));
+        assert!(bm.serialized_range_is_clean(2 + 3 * BLOCK_BYTES, 100));
     }
 
     #[test]
     fn chunk_boundaries() {
-        // Three chunks, the last one partial.
-        let bm = DirtyBitmap::new((3 * CHUNK_BITS - 7) * 512, 9).unwrap();
-        // A run ending exactly where a clean chunk starts.
-        bm.set_bits(CHUNK_BITS - 5, 5);
-        assert_eq!(runs(&bm), [(CHUNK_BITS - 5, 5)]);
-        bm.set_bits(2 * CHUNK_BITS, 3);
-        assert_eq!(runs(&bm), [(CHUNK_BITS - 5, 5), (2 * CHUNK_BITS, 3)]);
-        // Resetting all but the last bit of a chunk keeps that bit.
-        bm.set_bits(0, CHUNK_BITS);
-        bm.reset_bits(0, CHUNK_BITS - 1);
-        assert_eq!(runs(&bm), [(CHUNK_BITS - 1, 1), (2 * CHUNK_BITS, 3)]);
-        bm.set_bits(0, CHUNK_BITS);
-        bm.reset_bits(1, CHUNK_BITS);
-        assert_eq!(runs(&bm), [(0, 1), (2 * CHUNK_BITS, 3)]);
-        // Resetting up to bit_count covers the partial last chunk entirely.
+        // Three blocks, the last one partial.
+        let bm = DirtyBitmap::new((3 * BLOCK_BITS - 7) * 512, 9).unwrap();
+        // A run ending exactly where a clean block starts.
+        bm.set_bits(BLOCK_BITS - 5, 5);
+        assert_eq!(runs(&bm), [(BLOCK_BITS - 5, 5)]);
+        bm.set_bits(2 * BLOCK_BITS, 3);
+        assert_eq!(runs(&bm), [(BLOCK_BITS - 5, 5), (2 * BLOCK_BITS, 3)]);
+        // Resetting all but the last bit of a block keeps that bit.
+        bm.set_bits(0, BLOCK_BITS);
+        bm.reset_bits(0, BLOCK_BITS - 1);
+        assert_eq!(runs(&bm), [(BLOCK_BITS - 1, 1), (2 * BLOCK_BITS, 3)]);
+        bm.set_bits(0, BLOCK_BITS);
+        bm.reset_bits(1, BLOCK_BITS);
+        assert_eq!(runs(&bm), [(0, 1), (2 * BLOCK_BITS, 3)]);
+        // Resetting up to bit_count covers the partial last block entirely.
         let flagged_before = bm.committed_bytes_estimate();
-        bm.reset_bits(2 * CHUNK_BITS, u64::MAX);
-        assert_eq!(bm.committed_bytes_estimate(), flagged_before - CHUNK_BYTES);
+        bm.reset_bits(2 * BLOCK_BITS, u64::MAX);
+        assert_eq!(bm.committed_bytes_estimate(), flagged_before - BLOCK_BYTES);
         assert_eq!(runs(&bm), [(0, 1)]);
     }
 
     #[test]
-    fn reset_drops_summary_of_whole_chunks() {
-        let bm = DirtyBitmap::new(3 * CHUNK_BITS * 512, 9).unwrap();
+    fn reset_drops_summary_of_whole_blocks() {
+        let bm = DirtyBitmap::new(3 * BLOCK_BITS * 512, 9).unwrap();
         bm.set_bits(0, u64::MAX);
-        assert_eq!(bm.committed_bytes_estimate(), 3 * CHUNK_BYTES + 8);
-        bm.reset_bits(100, 2 * CHUNK_BITS);
-        assert_eq!(bm.count_set_bits(), CHUNK_BITS);
-        // Chunk 1 was covered entirely; chunks 0 and 2 keep their flag.
-        assert_eq!(bm.committed_bytes_estimate(), 2 * CHUNK_BYTES + 8);
+        assert_eq!(bm.committed_bytes_estimate(), 3 * BLOCK_BYTES + 8);
+        bm.reset_bits(100, 2 * BLOCK_BITS);
+        assert_eq!(bm.count_set_bits(), BLOCK_BITS);
+        // Block 1 was covered entirely; blocks 0 and 2 keep their flag.
+        assert_eq!(bm.committed_bytes_estimate(), 2 * BLOCK_BYTES + 8);
         bm.clear_all();
         assert_eq!(bm.committed_bytes_estimate(), 8);
         assert_eq!(bm.next_set_run(0), None);
@@ -910,32 +1421,134 @@ mod tests {
 
     #[test]
     fn lazy_for_huge_disks() {
-        // 16 TiB at 64 KiB granularity: 2^28 bits, a 32 MiB word map.
+        // 16 TiB at 64 KiB granularity: 2^28 bits, 2^18 blocks.
         let bm = DirtyBitmap::new(1 << 44, 16).unwrap();
         assert_eq!(bm.bit_count(), 1 << 28);
         let start = Instant::now();
         assert_eq!(bm.next_set_run(0), None);
         assert_eq!(bm.next_dirty_extent(0), None);
         assert!(start.elapsed() < Duration::from_millis(20));
-        assert_eq!(bm.committed_bytes_estimate(), 8192);
+        let summary_bytes = (1 << 18) / 8;
+        assert_eq!(bm.committed_bytes_estimate(), summary_bytes);
+        assert_eq!(bm.allocated_block_bytes(), 0);
 
-        // 10,000 set bits scattered as 1,250 random 512 KiB guest writes.
-        // (10,000 uniformly random single bits would flag ~9,300 chunks, about
-        // 4.6 MiB by this estimate, and dirty ~70% of the map's 4 KiB pages.)
+        // 10,000 uniformly scattered granules: one 128-byte block each
+        // (a flat map would dirty ~5,800 of its 8,192 pages, 23 MiB).
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        for _ in 0..1250 {
+        for _ in 0..10_000 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            bm.set_bits(x % (1 << 28), 8);
+            bm.set_bits(x % (1 << 28), 1);
         }
-        assert!(bm.count_set_bits() <= 10_000);
-        assert!(bm.committed_bytes_estimate() < 4 << 20);
+        let n = bm.count_set_bits();
+        assert!(n > 9_990 && n <= 10_000);
+        assert!(bm.allocated_block_bytes() <= 10_000 * BLOCK_BYTES);
+        // Blocks + the u32 table (1 MiB) + the summary stay well under 4 MiB.
+        assert!(bm.allocated_block_bytes() + (1 << 20) + summary_bytes < 3 << 20);
         let mut buf = vec![0; 1 << 20];
         bm.read_serialized(0, &mut buf);
         let ones: u64 = buf.iter().map(|b| u64::from(b.count_ones())).sum();
         assert!(ones > 0);
         bm.clear_all();
-        assert_eq!(bm.committed_bytes_estimate(), 8192);
+        assert_eq!(bm.committed_bytes_estimate(), summary_bytes);
+        assert_eq!(bm.next_set_run(0), None);
+    }
+
+    #[test]
+    fn loading_zeros_allocates_nothing() {
+        let bm = DirtyBitmap::new(1 << 40, 16).unwrap();
+        bm.write_serialized(0, &vec![0; 1 << 20]);
+        assert_eq!(bm.allocated_block_bytes(), 0);
+        let mut data = vec![0; 1 << 20];
+        data[5000] = 0x10;
+        data[700_000] = 0x01;
+        bm.write_serialized(0, &data);
+        assert_eq!(bm.allocated_block_bytes(), 2 * BLOCK_BYTES);
+        assert_eq!(runs(&bm), [(5000 * 8 + 4, 1), (700_000 * 8, 1)]);
+    }
+
+    #[test]
+    fn load_serialized_matches_write_serialized() {
+        for size in [
+            1u64,
+            1000 * 512 + 3,
+            5 * BLOCK_BITS * 512,
+            77 * BLOCK_BITS * 512 - 9,
+        ] {
+            let bytes = DirtyBitmap::new(size, 9).unwrap().serialized_len() as usize;
+            let mut data = vec![0u8; bytes + 40];
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for (i, d) in data.iter_mut().enumerate() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Zero stretches, ones and random bytes.
+                *d = match (i / 300) % 3 {
+                    0 => 0,
+                    1 => 0xff,
+                    _ => x as u8,
+                };
+            }
+            for start in [0usize, 1, 127, 128, 200] {
+                let a = DirtyBitmap::new(size, 9).unwrap();
+                let mut b = DirtyBitmap::new(size, 9).unwrap();
+                b.set_bits(3, 1);
+                a.set_bits(3, 1);
+                let start = start.min(data.len());
+                let end = data.len().min(start + bytes);
+                a.write_serialized(start as u64, &data[start..end]);
+                b.load_serialized(start as u64, &data[start..end]);
+                assert_eq!(serialized(&a), serialized(&b), "size {size} start {start}");
+                assert_eq!(runs(&a), runs(&b));
+                assert_summary_covers(&b);
+                assert_eq!(a.allocated_block_bytes(), b.allocated_block_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn install_races_lose_no_bits_and_no_blocks() {
+        // Every thread marks every bit of the same blocks in a different
+        // order, so first touches race all the time.
+        let bm = DirtyBitmap::new(64 * BLOCK_BITS * 512, 9).unwrap();
+        thread::scope(|s| {
+            for t in 0..4u64 {
+                let bm = &bm;
+                s.spawn(move || {
+                    for i in 0..bm.bit_count() {
+                        let bit = (i * 7919 + t * 1_000_003) % bm.bit_count();
+                        bm.set_bits(bit, 1);
+                    }
+                });
+            }
+        });
+        assert_eq!(bm.count_set_bits(), bm.bit_count());
+        assert_summary_covers(&bm);
+        // Losers' blocks went back to the free stack: at most one block per
+        // racing thread beyond the 64 the bitmap needs was ever handed out.
+        assert!(bm.allocated_block_bytes() <= (64 + 4) * BLOCK_BYTES);
+        // A free block is reused before the arena grows.
+        let before = bm.allocated_block_bytes();
+        let extra = DirtyBitmap::new(bm.size(), 9).unwrap();
+        let id = extra.alloc_block();
+        extra.free_block(id);
+        assert_eq!(extra.alloc_block(), id);
+        assert!(extra.block_at(id).iter().all(|w| w.load(Relaxed) == 0));
+        assert_eq!(bm.allocated_block_bytes(), before);
+    }
+
+    #[test]
+    fn released_bitmap_reads_clean_and_stays_usable() {
+        let bm = DirtyBitmap::new(1 << 30, 9).unwrap();
+        bm.set_bits(12345, 5000);
+        bm.release_memory();
+        assert_eq!(bm.count_set_bits(), 0);
+        assert_eq!(bm.next_set_run(0), None);
+        // A late marker still works and does not reuse handed-out blocks.
+        let before = bm.allocated_block_bytes();
+        assert!(bm.set_bits(7, 1));
+        assert_eq!(runs(&bm), [(7, 1)]);
+        assert_eq!(bm.allocated_block_bytes(), before + BLOCK_BYTES);
     }
 }

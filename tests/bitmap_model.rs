@@ -133,7 +133,7 @@ enum Op {
 }
 
 /// Positions mostly inside (or just past) `0..=n`, some at multiples of
-/// `align` (summary chunk boundaries), sometimes extreme.
+/// `align` (block boundaries), sometimes extreme.
 fn pos(n: u64, align: u64) -> impl Strategy<Value = u64> {
     prop_oneof![
         6 => 0..=n + 70,
@@ -160,12 +160,12 @@ fn len(n: u64, small: u64, align: u64) -> impl Strategy<Value = u64> {
 fn op(size: u64, gb: u32) -> impl Strategy<Value = Op> {
     let bits = size.div_ceil(1 << gb);
     let ser = bits.div_ceil(8);
-    // One summary chunk covers 4096 bits = 512 serialized bytes.
-    let (chunk, chunk_bytes) = (4096, 512);
-    let byte_range = move || (pos(size, chunk << gb), len(size, 3 << gb, chunk << gb));
+    // One block (one summary bit) covers 1024 bits = 128 serialized bytes.
+    let (block, block_bytes) = (1024, 128);
+    let byte_range = move || (pos(size, block << gb), len(size, 3 << gb, block << gb));
     prop_oneof![
-        4 => (pos(bits, chunk), len(bits, 130, chunk)).prop_map(|(f, c)| Op::Set(f, c)),
-        3 => (pos(bits, chunk), len(bits, 130, chunk)).prop_map(|(f, c)| Op::Reset(f, c)),
+        4 => (pos(bits, block), len(bits, 130, block)).prop_map(|(f, c)| Op::Set(f, c)),
+        3 => (pos(bits, block), len(bits, 130, block)).prop_map(|(f, c)| Op::Reset(f, c)),
         3 => byte_range().prop_map(|(o, l)| Op::Mark(o, l)),
         1 => Just(Op::ClearAll),
         2 => (
@@ -175,7 +175,7 @@ fn op(size: u64, gb: u32) -> impl Strategy<Value = Op> {
         )
             .prop_map(|(size, gb, marks)| Op::Merge { size, gb, marks }),
         2 => (
-            pos(ser, chunk_bytes),
+            pos(ser, block_bytes),
             // Runs of repeated bytes (zero, full or mixed) up to ~1.2 KiB; cheaper
             // to generate than random bytes and closer to real bitmaps.
             vec((0..300usize, prop_oneof![Just(0u8), Just(0xff), any::<u8>()]), 0..5),
@@ -184,7 +184,7 @@ fn op(size: u64, gb: u32) -> impl Strategy<Value = Op> {
                 let data = runs.into_iter().flat_map(|(n, b)| vec![b; n]);
                 Op::WriteSerialized(o, data.collect())
             }),
-        1 => (pos(ser, chunk_bytes), len(ser, 600, chunk_bytes))
+        1 => (pos(ser, block_bytes), len(ser, 600, block_bytes))
             .prop_map(|(o, l)| Op::FillOnes(o, l)),
     ]
 }
@@ -192,8 +192,10 @@ fn op(size: u64, gb: u32) -> impl Strategy<Value = Op> {
 fn case() -> impl Strategy<Value = (u64, u32, Vec<Op>)> {
     (9..=16u32)
         .prop_flat_map(|gb| {
-            let max = 9_000u64 << gb; // a bit over 2 summary chunks of bits
-            let size = prop_oneof![1 => Just(0u64), 1 => Just(1u64), 8 => 0..=max];
+            let max = 9_000u64 << gb; // a bit under 9 blocks of bits
+                                      // Past 64 blocks the summary spills into a second word.
+            let big = 70_000u64 << gb;
+            let size = prop_oneof![1 => Just(0u64), 1 => Just(1u64), 8 => 0..=max, 1 => 0..=big];
             (size, Just(gb))
         })
         .prop_flat_map(|(size, gb)| (Just(size), Just(gb), vec(op(size, gb), 1..12)))

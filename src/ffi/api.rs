@@ -3,8 +3,8 @@
 //! API lacks.
 
 use super::guard::{
-    copy_truncated, handle, last_error, out, read_sized, run, store_handle, string, take_handle,
-    write_sized, VersionedStruct,
+    copy_truncated, handle, handle_fast, last_error, out, read_sized, run, store_handle, string,
+    take_handle, write_sized, VersionedStruct,
 };
 use super::types::*;
 use crate::error::Error;
@@ -351,6 +351,21 @@ pub extern "C" fn qbm_bitmap_reset(
 /// call it from any number of threads, on every guest write.
 #[no_mangle]
 pub extern "C" fn qbm_mark_dirty(img: *mut qbm_image, offset: u64, length: u64) -> c_int {
+    // The per-write path: a valid call returns without building a Result,
+    // in a frame that holds nothing for the error path. Any refusal (or a
+    // panic) goes the ordinary way, which sets the message.
+    let marked = std::panic::catch_unwind(move || {
+        handle_fast(img).is_some_and(|h| h.image.try_mark_dirty(offset, length))
+    });
+    if let Ok(true) = marked {
+        return 0;
+    }
+    mark_dirty_slow(img, offset, length)
+}
+
+#[cold]
+#[inline(never)]
+fn mark_dirty_slow(img: *mut qbm_image, offset: u64, length: u64) -> c_int {
     run(|| handle(img)?.image.mark_dirty(offset, length).map(|_| 0))
 }
 

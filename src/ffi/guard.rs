@@ -65,6 +65,18 @@ pub(crate) fn handle<'a>(p: *const qbm_image) -> Result<&'a qbm_image> {
     Ok(h)
 }
 
+/// The live handle behind `p`, or None (no message: for hot paths that
+/// retry through [`handle`] to report the error).
+#[inline]
+pub(crate) fn handle_fast<'a>(p: *const qbm_image) -> Option<&'a qbm_image> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: as in `handle`.
+    let h = unsafe { &*p };
+    (h.magic == HANDLE_MAGIC).then_some(h)
+}
+
 /// Gives a new image to the caller through `out_img` (checked non-NULL).
 pub(crate) fn store_handle(
     out_img: *mut *mut qbm_image,

@@ -17,8 +17,10 @@ use crate::format::extension::{self, BitmapsExtension, Extension};
 use crate::format::header;
 use std::sync::Arc;
 
-/// Reads and writes of bitmap data go in pieces of at most this many bytes.
-const IO_CHUNK: u64 = 8 << 20;
+/// Reads and writes of bitmap data go in pieces of at most this many bytes:
+/// large enough for sequential device speed, small enough that the buffer
+/// does not dominate the resident memory of a sparse bitmap.
+const IO_CHUNK: u64 = 1 << 20;
 
 /// What a caller sees of one bitmap.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,7 +221,7 @@ impl State {
 
     /// Reads a bitmap's data clusters, coalescing runs of adjacent clusters.
     fn load_data(&self, entry: &DirEntry, table: &[TableEntry]) -> Result<DirtyBitmap> {
-        let bm = DirtyBitmap::new(self.header.size, u32::from(entry.granularity_bits))
+        let mut bm = DirtyBitmap::new(self.header.size, u32::from(entry.granularity_bits))
             .map_err(|e| Error::io(format!("allocating memory for bitmap '{}'", entry.name), e))?;
         let cs = self.cluster_size();
         let total = bm.serialized_len();
@@ -245,7 +247,7 @@ impl State {
                     let len = (run as u64 * cs).min(total - first_byte) as usize;
                     buf.resize(len, 0);
                     self.read(&mut buf, off, &format!("bitmap '{}' data", entry.name))?;
-                    bm.write_serialized(first_byte, &buf);
+                    bm.load_serialized(first_byte, &buf);
                     i += run;
                 }
             }
@@ -658,6 +660,12 @@ impl Image {
         st.pending_free.extend(pieces);
         st.dir_changed = true;
         self.publish_enabled(&st);
+        // Published lists keep the bitmap itself alive (see enabled.rs); its
+        // memory goes back now. A marker still walking an old list finds
+        // zeros and may commit a block again, which nothing reads.
+        if let Some(data) = &slot.data {
+            data.release_memory();
+        }
         Ok(())
     }
 

@@ -1,30 +1,140 @@
-//! The set of enabled bitmaps that `mark_dirty` walks. Marking threads never
-//! lock: management calls publish a whole new list, and arc-swap keeps the old
-//! one alive until no marking thread can still see it. (arc-swap instead of a
-//! hand-written crossbeam-epoch pointer: the same lock-free read, no `unsafe`.)
+//! The set of enabled bitmaps that `mark_dirty` walks.
+//!
+//! Marking threads never lock, never write shared memory to read the list,
+//! and never allocate: a mark costs a handful of acquire loads of data that
+//! stays in every core's cache. Management calls (serialised by the image's
+//! state lock) publish a whole new list under the next index of an
+//! append-only store and then move `current` to it. Old lists, and the
+//! bitmaps they name, stay alive until the image is dropped, so a marker that
+//! read an older index can never touch freed memory, without the per-mark
+//! reference counting or hazard-pointer stores (and their full fences) that
+//! reclaiming them earlier would need. A removed bitmap gives its memory back
+//! with `DirtyBitmap::release_memory`; what stays is its address range and a
+//! few words per published list. (It replaces arc-swap, whose per-load debt
+//! slot costs two fenced atomic operations: more than the mark itself.)
 
-use crate::bitmap::DirtyBitmap;
-use arc_swap::ArcSwap;
-use std::sync::Arc;
+use crate::bitmap::{DirtyBitmap, Marker};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
-#[derive(Default)]
+type List = Vec<Marker>;
+
+/// Segment `k` holds lists `2^k - 1 .. 2^(k+1) - 1`; 48 segments hold more
+/// lists than any process can publish.
+const SEGMENTS: usize = 48;
+
 pub struct EnabledSet {
-    current: ArcSwap<Vec<Arc<DirtyBitmap>>>,
+    /// Index of the list markers use.
+    current: AtomicUsize,
+    /// Number of lists published (the next index); written under the lock.
+    published: AtomicUsize,
+    segments: [OnceLock<Box<[OnceLock<List>]>>; SEGMENTS],
+}
+
+impl Default for EnabledSet {
+    fn default() -> EnabledSet {
+        let set = EnabledSet {
+            current: AtomicUsize::new(0),
+            published: AtomicUsize::new(0),
+            segments: [const { OnceLock::new() }; SEGMENTS],
+        };
+        set.publish(Vec::new());
+        set
+    }
+}
+
+/// Segment and slot of list `i`.
+#[inline]
+fn locate(i: usize) -> (usize, usize) {
+    let j = i + 1;
+    let k = j.ilog2() as usize;
+    (k, j - (1 << k))
 }
 
 impl EnabledSet {
-    /// Replaces the list and returns the previous one. Callers serialise
-    /// publishes (the image's state lock). arc-swap pays the readers' debts
-    /// on the swap, so the previous list's strong count then counts the
-    /// marking threads still walking it.
-    pub fn publish(&self, bitmaps: Vec<Arc<DirtyBitmap>>) -> Arc<Vec<Arc<DirtyBitmap>>> {
-        self.current.swap(Arc::new(bitmaps))
+    /// Publishes a new list. Callers serialise publishes (the image's state lock).
+    pub fn publish(&self, bitmaps: Vec<Arc<DirtyBitmap>>) {
+        let bitmaps: List = bitmaps.into_iter().map(Marker::new).collect();
+        let i = self.published.load(Ordering::Relaxed);
+        let (k, slot) = locate(i);
+        let segment =
+            self.segments[k].get_or_init(|| (0..1usize << k).map(|_| OnceLock::new()).collect());
+        // Only the publisher writes slot i, once: set cannot fail.
+        let _ = segment[slot].set(bitmaps);
+        self.published.store(i + 1, Ordering::Relaxed);
+        // Release: a marker that reads index i sees the list stored above.
+        self.current.store(i, Ordering::Release);
     }
 
-    /// Calls `f` on every enabled bitmap, without locking or allocating.
-    pub fn for_each(&self, mut f: impl FnMut(&DirtyBitmap)) {
-        for b in self.current.load().iter() {
-            f(b);
+    /// Calls `f` on every enabled bitmap, without locking, writing shared
+    /// memory or allocating.
+    #[inline]
+    pub fn for_each(&self, mut f: impl FnMut(&Marker)) {
+        let (k, slot) = locate(self.current.load(Ordering::Acquire));
+        if let Some(list) = self.segments[k].get().and_then(|s| s[slot].get()) {
+            for m in list.iter() {
+                f(m);
+            }
         }
+    }
+
+    /// Number of lists published so far (tests).
+    #[cfg(test)]
+    fn published(&self) -> usize {
+        self.published.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    #[test]
+    fn locate_covers_every_index_once() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..10_000 {
+            let (k, slot) = locate(i);
+            assert!(slot < 1 << k);
+            assert!(seen.insert((k, slot)));
+        }
+        assert_eq!(locate(0), (0, 0));
+        assert_eq!(locate(1), (1, 0));
+        assert_eq!(locate(2), (1, 1));
+        assert_eq!(locate(3), (2, 0));
+    }
+
+    #[test]
+    fn markers_see_a_published_list_while_it_changes() {
+        let set = EnabledSet::default();
+        let a = Arc::new(DirtyBitmap::new(1 << 30, 16).unwrap());
+        let b = Arc::new(DirtyBitmap::new(1 << 30, 16).unwrap());
+        thread::scope(|s| {
+            for t in 0..2u64 {
+                let set = &set;
+                s.spawn(move || {
+                    for i in 0..200_000u64 {
+                        set.for_each(|m| {
+                            m.mark_bytes(((i * 2 + t) << 16) % m.bitmap().size(), 1);
+                        });
+                    }
+                });
+            }
+            for i in 0..1000 {
+                match i % 3 {
+                    0 => set.publish(vec![a.clone()]),
+                    1 => set.publish(vec![a.clone(), b.clone()]),
+                    _ => set.publish(Vec::new()),
+                }
+            }
+        });
+        assert_eq!(set.published(), 1001);
+        set.publish(vec![b.clone()]);
+        let mut n = 0;
+        set.for_each(|bm| {
+            assert!(Arc::ptr_eq(bm.bitmap(), &b));
+            n += 1;
+        });
+        assert_eq!(n, 1);
     }
 }

@@ -231,15 +231,41 @@ impl Image {
 
     /// Marks `[offset, offset+length)` dirty in every enabled bitmap.
     /// Lock-free and allocation-free; safe from any number of threads.
+    #[inline]
     pub fn mark_dirty(&self, offset: u64, length: u64) -> Result<()> {
-        if !self.writable {
-            return Err(self.read_only_error());
+        match offset.checked_add(length) {
+            Some(end) if self.writable && end <= self.size.load(Ordering::Relaxed) => {}
+            _ => return Err(self.mark_error(offset, length)),
         }
-        self.check_range(offset, length, None)?;
         self.enabled.for_each(|b| {
             b.mark_bytes(offset, length);
         });
         Ok(())
+    }
+
+    /// [`Image::mark_dirty`] for the C hot path: false (nothing marked) when
+    /// `mark_dirty` would refuse the call.
+    #[inline]
+    pub fn try_mark_dirty(&self, offset: u64, length: u64) -> bool {
+        match offset.checked_add(length) {
+            Some(end) if self.writable && end <= self.size.load(Ordering::Relaxed) => {}
+            _ => return false,
+        }
+        self.enabled.for_each(|b| {
+            b.mark_bytes(offset, length);
+        });
+        true
+    }
+
+    #[cold]
+    fn mark_error(&self, offset: u64, length: u64) -> Error {
+        if !self.writable {
+            return self.read_only_error();
+        }
+        match self.check_range(offset, length, None) {
+            Err(e) => e,
+            Ok(()) => unreachable!("mark_dirty refused a valid range"),
+        }
     }
 
     /// `bitmap` names the bitmap in the message, if one is involved.
@@ -281,7 +307,7 @@ impl Image {
     /// Republishes the list `mark_dirty` walks; call after enabling,
     /// disabling, adding or removing bitmaps.
     fn publish_enabled(&self, st: &State) {
-        drop(self.enabled.publish(st.enabled_bitmaps()));
+        self.enabled.publish(st.enabled_bitmaps());
     }
 }
 

@@ -39,17 +39,17 @@ impl Image {
         }
         let mut st = self.lock()?;
         let replaced = st.resize(new_size).map_err(|e| e.context(&self.name))?;
-        self.size.store(new_size, Ordering::Release);
-        let previous = self.enabled.publish(st.enabled_bitmaps());
-        // Marks may still be landing in the old bitmaps through the previous
-        // list: wait until no marking thread holds it (arc-swap has turned
-        // every reader's borrow into a count), then carry them over.
-        while Arc::strong_count(&previous) > 1 {
-            std::thread::yield_now();
+        // Marks still reaching an old bitmap (through the list published
+        // before this one) are forwarded to its successor; those that came
+        // before the forwarding are carried over by the merge.
+        for (new, old) in &replaced {
+            old.forward_to(new.clone());
         }
-        drop(previous);
+        self.size.store(new_size, Ordering::Release);
+        self.publish_enabled(&st);
         for (new, old) in replaced {
             new.merge_from(&old);
+            old.release_memory();
         }
         st.persist(false).map_err(|e| e.context(&self.name))
     }
