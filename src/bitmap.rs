@@ -149,24 +149,29 @@ impl DirtyBitmap {
     /// Sets bits `[first, first + count)` (clamped); true if any bit went 0 -> 1.
     ///
     /// Lock-free, allocation-free and syscall-free: this is the per-write hot path.
+    ///
+    /// Raises `modified` even when every bit was already set: the bits may have
+    /// been set by another thread's call that has not raised `modified` yet, and
+    /// a store that starts after this call returns must still write them (the
+    /// `qbm_flush` checkpoint guarantee). The cost is that a store after marks
+    /// which changed nothing rewrites the bitmap.
     #[inline]
     pub fn set_bits(&self, first: u64, count: u64) -> bool {
+        let end = first.saturating_add(count).min(self.bit_count);
+        if first >= end {
+            return false;
+        }
         let changed = if count == 1 {
             // Common case (a write within one granule): skip the range math.
-            first < self.bit_count && self.or_word(first / WORD_BITS, 1 << (first % WORD_BITS))
+            self.or_word(first / WORD_BITS, 1 << (first % WORD_BITS))
         } else {
-            let end = first.saturating_add(count).min(self.bit_count);
             let mut changed = false;
-            if first < end {
-                for w in first / WORD_BITS..=(end - 1) / WORD_BITS {
-                    changed |= self.or_word(w, word_mask(w, first, end));
-                }
+            for w in first / WORD_BITS..=(end - 1) / WORD_BITS {
+                changed |= self.or_word(w, word_mask(w, first, end));
             }
             changed
         };
-        if changed {
-            self.note_modified();
-        }
+        self.note_modified();
         changed
     }
 
@@ -305,6 +310,7 @@ impl DirtyBitmap {
         }
         let src = other.words();
         let mut changed = false;
+        let mut any = false;
         'chunks: for c in other.flagged_chunks(0, u64::MAX) {
             for w in other.chunk_words(c) {
                 if w >= self.word_count {
@@ -313,10 +319,12 @@ impl DirtyBitmap {
                 let v = src[w as usize].load(Relaxed) & word_mask(w, 0, self.bit_count);
                 if v != 0 {
                     changed |= self.or_word(w, v);
+                    any = true;
                 }
             }
         }
-        if changed {
+        // As in `set_bits`: raised even when nothing changed.
+        if any {
             self.note_modified();
         }
         changed
@@ -460,8 +468,11 @@ impl DirtyBitmap {
     /// read-only and pages without set bits are never written.
     fn or_word(&self, w: u64, mask: u64) -> bool {
         let word = &self.words()[w as usize];
+        // SeqCst, not Relaxed: when the bits are already set by a racing
+        // marker, this load is what orders them before our load of `modified`
+        // (and so before a later `take_modified` and the store that follows).
         let changed =
-            word.load(Relaxed) & mask != mask && word.fetch_or(mask, SeqCst) & mask != mask;
+            word.load(SeqCst) & mask != mask && word.fetch_or(mask, SeqCst) & mask != mask;
         let (slot, bit) = self.summary_slot(w / CHUNK_WORDS);
         if slot.load(SeqCst) & bit == 0 {
             slot.fetch_or(bit, SeqCst);
@@ -787,7 +798,10 @@ mod tests {
         assert!(bm.set_bits(3, 1));
         assert!(bm.is_modified());
         assert!(bm.take_modified());
-        assert!(!bm.set_bits(3, 1)); // no change, no flag
+        // No change, but the flag goes up: see `marks_of_set_bits_raise_modified`.
+        assert!(!bm.set_bits(3, 1));
+        assert!(bm.take_modified());
+        assert!(!bm.set_bits(1 << 20, 1)); // past the end: nothing touched, no flag
         assert!(!bm.is_modified());
         bm.reset_bits(4, 1);
         assert!(!bm.is_modified());
@@ -796,6 +810,26 @@ mod tests {
         bm.clear_all();
         assert!(!bm.is_modified());
         bm.set_modified();
+        assert!(bm.take_modified());
+    }
+
+    /// A mark whose bits another thread has set but not yet flagged (that
+    /// thread is between its `or_word` and its `note_modified`) must still
+    /// leave `modified` raised when it returns; otherwise a flush called right
+    /// after it would skip the bitmap and miss a mark that had returned.
+    #[test]
+    fn marks_of_set_bits_raise_modified() {
+        let bm = DirtyBitmap::new(1 << 30, 16).unwrap();
+        let other = DirtyBitmap::new(1 << 30, 16).unwrap();
+        assert!(bm.or_word(0, 0b110)); // the racing thread, paused before note_modified
+        assert!(!bm.set_bits(1, 2)); // our mark: nothing changes, and it returns
+        assert!(bm.take_modified());
+        assert!(bm.or_word(1, 1));
+        assert!(!bm.mark_bytes(64 * 65536, 1));
+        assert!(bm.take_modified());
+        // A merge whose bits are all set already (bit 64), likewise.
+        other.set_bits(64, 1);
+        assert!(!bm.merge_from(&other));
         assert!(bm.take_modified());
     }
 
