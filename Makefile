@@ -117,6 +117,15 @@ check-tsan:
 	    QBM_STRESS_SECONDS=$(TSAN_SECONDS) $(OUT)/tsan/$$t; \
 	done
 
+# The backup recipe of the README, in C (under valgrind when installed) and in
+# Python; each example checks its own result and exits non-zero if it is wrong.
+check-examples: lib
+	@mkdir -p $(OUT)/examples
+	$(CC) $(CWARN) $(CFLAGS) -o $(OUT)/examples/backup examples/backup.c $(CTEST_LINK)
+	$(VG_RUN) $(OUT)/examples/backup $(OUT)/examples
+	QBM_LIBRARY=$(abspath $(LIBDIR_OUT))/$(SONAME) PYTHONPATH=$(abspath python) \
+	  python3 examples/backup.py $(OUT)/examples
+
 check-python: lib
 	QBM_LIBRARY=$(abspath $(LIBDIR_OUT))/$(SONAME) python3 -m pytest -q python/tests
 
