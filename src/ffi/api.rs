@@ -118,10 +118,11 @@ pub extern "C" fn qbm_create(
 
 /// Stores every changed bitmap (they stay flagged in_use while open).
 ///
-/// Checkpoint guarantee: every `qbm_mark_dirty` call that returned before
+/// Checkpoint guarantee: a `qbm_mark_dirty` call that returned before
 /// `qbm_flush` was called (returned in this thread, or in another thread
 /// whose return the caller orders before this call with a lock, a join or an
-/// atomic) is in the stored bitmaps when `qbm_flush` returns 0, and so is
+/// atomic) is in the stored copy of every bitmap it marked when `qbm_flush`
+/// returns 0, and so is
 /// every other change (set, reset, clear, merge, add, remove, enable,
 /// disable) that returned before it. A mark that runs while `qbm_flush` runs
 /// may or may not be stored by it; it is never lost: it stays in memory and
