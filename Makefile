@@ -22,7 +22,7 @@ CTEST_LINK := -I include -L $(LIBDIR_OUT) -Wl,-rpath,$(abspath $(LIBDIR_OUT)) -l
 C_TESTS    := $(patsubst c-tests/%.c,$(OUT)/c-tests/%,$(filter-out c-tests/demo.c,$(wildcard c-tests/*.c)))
 
 
-.PHONY: all lib bin bench check-install check check-rust check-header check-c check-python check-readme demo install clean
+.PHONY: all lib bin bench fuzz check-install check check-rust check-header check-c check-stress check-tsan check-examples check-python check-readme demo install clean
 
 all: lib bin
 
@@ -41,7 +41,7 @@ lib:
 	ln -sf $(SONAME) $(LIBDIR_OUT)/libqbm.so
 	cp $(RELEASE)/libqbm.a $(LIBDIR_OUT)/libqbm.a
 
-check: check-rust check-header check-c check-python check-readme check-install
+check: check-rust check-header check-c check-stress check-examples check-python check-readme check-install
 	@echo "make check: all passed"
 
 check-rust:
@@ -71,11 +71,60 @@ check-c: lib $(C_TESTS)
 	@$(if $(VALGRIND),echo "(C tests under $(VALGRIND); VALGRIND= to run them bare)",echo "(C tests without valgrind)"); \
 	fail=0; for t in $(C_TESTS); do \
 	  echo "== $$t"; \
-	  QBM_TEST_DIR=$$(mktemp -d) $(VG_RUN) $$t; rc=$$?; \
+	  QBM_TEST_DIR=$$(mktemp -d) QBM_STRESS_SECONDS=$(STRESS_SECONDS_SHORT) $(VG_RUN) $$t; rc=$$?; \
 	  if [ $$rc = 77 ]; then echo "   skipped"; \
 	  elif [ $$rc = 99 ]; then echo "   FAILED: valgrind found errors (see above)"; fail=1; \
 	  elif [ $$rc != 0 ]; then echo "   FAILED (exit $$rc)"; fail=1; fi; \
 	done; exit $$fail
+
+# c-tests/stress.c: marker threads against flush/add/remove/enable/disable/
+# merge/clear. check-c runs it briefly (under valgrind: memory errors, leaks);
+# check-stress runs it bare, where the threads really race, for
+# STRESS_SECONDS of marking (plus a few seconds of checks).
+STRESS_SECONDS       ?= 20
+STRESS_SECONDS_SHORT ?= 3
+
+check-stress: lib $(OUT)/c-tests/stress
+	QBM_TEST_DIR=$$(mktemp -d) QBM_STRESS_SECONDS=$(STRESS_SECONDS) $(OUT)/c-tests/stress
+
+# ThreadSanitizer over the library and the threaded C tests (not part of
+# `make check`: the instrumented build takes a minute or two). Rust's TSan is
+# a nightly flag; RUSTC_BOOTSTRAP=1 lets the stable toolchain take it. Its std
+# is not rebuilt with TSan (that needs the rust-src component and -Zbuild-std),
+# hence -Cunsafe-allow-abi-mismatch=sanitizer: libqbm, arc-swap and every
+# generic std item it uses (Arc, atomics, Mutex) are instrumented, std's
+# precompiled internals are not. The executables link the TSan runtime that
+# ships with rustc (gcc's libtsan is too old for LLVM's instrumentation) and
+# export it (-rdynamic) to the instrumented libqbm.so. Any report fails.
+HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+TSAN_RT     := $(firstword $(wildcard $(shell rustc --print sysroot 2>/dev/null)/lib/rustlib/$(HOST_TRIPLE)/lib/librustc-*_rt.tsan.a))
+TSAN_SECONDS ?= 10
+TSAN_TESTS  := stress threads
+
+check-tsan:
+	@test -n "$(TSAN_RT)" || { echo "check-tsan: no TSan runtime (librustc-*_rt.tsan.a) in the Rust toolchain"; exit 1; }
+	RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=thread -Cunsafe-allow-abi-mismatch=sanitizer" \
+	  $(CARGO) build --release --lib --target $(HOST_TRIPLE) --target-dir target/tsan
+	mkdir -p $(OUT)/tsan
+	cp target/tsan/$(HOST_TRIPLE)/release/libqbm.so $(OUT)/tsan/libqbm.so.0
+	ln -sf libqbm.so.0 $(OUT)/tsan/libqbm.so
+	set -e; for t in $(TSAN_TESTS); do \
+	  $(CC) $(CWARN) -O1 -g -fsanitize=thread -I include -c -o $(OUT)/tsan/$$t.o c-tests/$$t.c; \
+	  $(CC) -o $(OUT)/tsan/$$t $(OUT)/tsan/$$t.o -rdynamic -Wl,--whole-archive $(TSAN_RT) -Wl,--no-whole-archive \
+	    -L $(OUT)/tsan -Wl,-rpath,$(abspath $(OUT)/tsan) -lqbm -lpthread -ldl -lm; \
+	  echo "== $$t under ThreadSanitizer"; \
+	  TSAN_OPTIONS="halt_on_error=1 exitcode=66 $(TSAN_OPTIONS)" QBM_TEST_DIR=$$(mktemp -d) \
+	    QBM_STRESS_SECONDS=$(TSAN_SECONDS) $(OUT)/tsan/$$t; \
+	done
+
+# The backup recipe of the README, in C (under valgrind when installed) and in
+# Python; each example checks its own result and exits non-zero if it is wrong.
+check-examples: lib
+	@mkdir -p $(OUT)/examples
+	$(CC) $(CWARN) $(CFLAGS) -o $(OUT)/examples/backup examples/backup.c $(CTEST_LINK)
+	$(VG_RUN) $(OUT)/examples/backup $(OUT)/examples
+	QBM_LIBRARY=$(abspath $(LIBDIR_OUT))/$(SONAME) PYTHONPATH=$(abspath python) \
+	  python3 examples/backup.py $(OUT)/examples
 
 check-python: lib
 	QBM_LIBRARY=$(abspath $(LIBDIR_OUT))/$(SONAME) python3 -m pytest -q python/tests

@@ -270,6 +270,19 @@ int qbm_create(const char *path, const struct qbm_create_options *options, struc
 
 /**
  * Stores every changed bitmap (they stay flagged in_use while open).
+ *
+ * Checkpoint guarantee: a `qbm_mark_dirty` call that returned before
+ * `qbm_flush` was called (returned in this thread, or in another thread
+ * whose return the caller orders before this call with a lock, a join or an
+ * atomic) is in the stored copy of every bitmap it marked when `qbm_flush`
+ * returns 0, and so is
+ * every other change (set, reset, clear, merge, add, remove, enable,
+ * disable) that returned before it. A mark that runs while `qbm_flush` runs
+ * may or may not be stored by it; it is never lost: it stays in memory and
+ * the next `qbm_flush` or `qbm_close` stores it. After a failure nothing is
+ * lost from memory either; the next flush or close stores it again.
+ * While the image is open the stored bitmaps are flagged in_use, as QEMU
+ * flags them; `qbm_close` stores them with the flag cleared.
  */
 int qbm_flush(struct qbm_image *img);
 
@@ -298,7 +311,8 @@ int qbm_bitmap_get_info(struct qbm_image *img, uint32_t index, struct qbm_bitmap
 /**
  * Adds an empty bitmap. `granularity` in bytes (power of two, 512 to 2 GiB),
  * or 0 for QEMU's default (the cluster size within 4 KiB..64 KiB).
- * `flags`: `QBM_BITMAP_DISABLED` to create it disabled.
+ * `flags`: `QBM_BITMAP_DISABLED` to create it disabled. An enabled one is
+ * marked by every `qbm_mark_dirty` call that starts after this returns.
  */
 int qbm_bitmap_add(struct qbm_image *img, const char *name, uint64_t granularity, uint32_t flags);
 
@@ -314,12 +328,15 @@ int qbm_bitmap_remove(struct qbm_image *img, const char *name);
 int qbm_bitmap_clear(struct qbm_image *img, const char *name);
 
 /**
- * Enables a bitmap: `qbm_mark_dirty` marks it.
+ * Enables a bitmap: `qbm_mark_dirty` calls that start after this returns
+ * mark it (calls already running may or may not).
  */
 int qbm_bitmap_enable(struct qbm_image *img, const char *name);
 
 /**
- * Disables (freezes) a bitmap: `qbm_mark_dirty` no longer marks it.
+ * Disables (freezes) a bitmap: `qbm_mark_dirty` calls that start after this
+ * returns no longer mark it; calls already running may still mark it until
+ * they return.
  */
 int qbm_bitmap_disable(struct qbm_image *img, const char *name);
 
@@ -351,6 +368,15 @@ int qbm_bitmap_reset(struct qbm_image *img, const char *name, uint64_t offset, u
 /**
  * Marks `[offset, offset+length)` dirty in every enabled bitmap. Lock-free:
  * call it from any number of threads, on every guest write.
+ *
+ * When it returns 0 the range is marked in every bitmap that was enabled
+ * for the whole call: the extent calls see it, and a `qbm_flush` called
+ * after the return stores it (see `qbm_flush`). A bitmap added, removed,
+ * enabled or disabled while the call runs may or may not be marked; the
+ * call sees one set of enabled bitmaps, so when a backup switches
+ * checkpoints by `qbm_bitmap_add(new)` and then `qbm_bitmap_disable(old)`,
+ * every mark lands in old, in new or in both. Read old's extents once every
+ * call that was running when `qbm_bitmap_add(new)` returned has returned.
  */
 int qbm_mark_dirty(struct qbm_image *img, uint64_t offset, uint64_t length);
 

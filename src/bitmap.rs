@@ -222,17 +222,25 @@ impl DirtyBitmap {
     /// Sets bits `[first, first + count)` (clamped); true if any bit went 0 -> 1.
     ///
     /// Lock-free, allocation-free and syscall-free: this is the per-write hot path.
+    ///
+    /// Raises `modified` even when every bit was already set: the bits may have
+    /// been set by another thread's call that has not raised `modified` yet, and
+    /// a store that starts after this call returns must still write them (the
+    /// `qbm_flush` checkpoint guarantee). The cost is that a store after marks
+    /// which changed nothing rewrites the bitmap.
     #[inline]
     pub fn set_bits(&self, first: u64, count: u64) -> bool {
+        let end = first.saturating_add(count).min(self.bit_count);
+        if first >= end {
+            return false;
+        }
         let changed = if count == 1 {
             // Common case (a write within one granule): skip the range math.
-            first < self.bit_count && self.or_word(first / WORD_BITS, 1 << (first % WORD_BITS))
+            self.or_word(first / WORD_BITS, 1 << (first % WORD_BITS))
         } else {
             self.set_range(first, count)
         };
-        if changed {
-            self.note_modified();
-        }
+        self.note_modified();
         changed
     }
 
@@ -337,9 +345,8 @@ impl DirtyBitmap {
         if first == last {
             // first < bit_count because offset < size.
             let changed = self.set_bit_fast(first);
-            if changed {
-                self.note_modified();
-            }
+            // Even when already set: see `set_bits`.
+            self.note_modified();
             return changed;
         }
         self.set_bits(first, last - first + 1)
@@ -409,6 +416,7 @@ impl DirtyBitmap {
             return changed;
         }
         let mut changed = false;
+        let mut any = false;
         for b in other.flagged_blocks(0, u64::MAX) {
             if b >= self.block_count {
                 break;
@@ -419,11 +427,13 @@ impl DirtyBitmap {
                 let w = b * BLOCK_WORDS + i as u64;
                 if w < self.word_count {
                     *d = s.load(Relaxed) & word_mask(w, 0, self.bit_count);
+                    any |= *d != 0;
                 }
             }
             changed |= self.or_block(b, &words);
         }
-        if changed {
+        // As in `set_bits`: raised even when nothing changed.
+        if any {
             self.note_modified();
         }
         changed
@@ -840,9 +850,12 @@ impl DirtyBitmap {
     #[inline]
     fn or_word(&self, w: u64, mask: u64) -> bool {
         let b = w / BLOCK_WORDS;
+        // SeqCst, not Relaxed: when the bits are already set by a racing
+        // marker, this load is what orders them before our load of `modified`
+        // (and so before a later `take_modified` and the store that follows).
         let word = &self.block_or_install(b)[(w % BLOCK_WORDS) as usize];
         let changed =
-            word.load(Relaxed) & mask != mask && word.fetch_or(mask, SeqCst) & mask != mask;
+            word.load(SeqCst) & mask != mask && word.fetch_or(mask, SeqCst) & mask != mask;
         self.flag_block(b);
         changed
     }
@@ -1042,7 +1055,8 @@ impl Hot {
         // SAFETY: installed block numbers come from `alloc_block`, which hands
         // out 1..=arena_blocks only, so the word lies inside the arena.
         let word = unsafe { &*self.arena.add(index as usize) };
-        let changed = word.load(Relaxed) & mask == 0 && word.fetch_or(mask, SeqCst) & mask == 0;
+        // SeqCst load: see `or_word` (a bit already set by a racing marker).
+        let changed = word.load(SeqCst) & mask == 0 && word.fetch_or(mask, SeqCst) & mask == 0;
         // SAFETY: `b < block_count`, so its summary word lies inside the
         // summary (see `DirtyBitmap::new`).
         let slot = unsafe { &*self.summary.add((b / SUMMARY_BITS) as usize) };
@@ -1098,9 +1112,8 @@ impl Marker {
         let changed = self
             .hot
             .set_bit(offset >> self.granularity_bits, &self.bitmap);
-        if changed {
-            self.bitmap.note_modified();
-        }
+        // Even when already set: see `DirtyBitmap::set_bits`.
+        self.bitmap.note_modified();
         self.bitmap.forward(offset, len);
         changed
     }
@@ -1298,7 +1311,10 @@ mod tests {
         assert!(bm.set_bits(3, 1));
         assert!(bm.is_modified());
         assert!(bm.take_modified());
-        assert!(!bm.set_bits(3, 1)); // no change, no flag
+        // No change, but the flag goes up: see `marks_of_set_bits_raise_modified`.
+        assert!(!bm.set_bits(3, 1));
+        assert!(bm.take_modified());
+        assert!(!bm.set_bits(1 << 20, 1)); // past the end: nothing touched, no flag
         assert!(!bm.is_modified());
         bm.reset_bits(4, 1);
         assert!(!bm.is_modified());
@@ -1307,6 +1323,26 @@ mod tests {
         bm.clear_all();
         assert!(!bm.is_modified());
         bm.set_modified();
+        assert!(bm.take_modified());
+    }
+
+    /// A mark whose bits another thread has set but not yet flagged (that
+    /// thread is between its `or_word` and its `note_modified`) must still
+    /// leave `modified` raised when it returns; otherwise a flush called right
+    /// after it would skip the bitmap and miss a mark that had returned.
+    #[test]
+    fn marks_of_set_bits_raise_modified() {
+        let bm = DirtyBitmap::new(1 << 30, 16).unwrap();
+        let other = DirtyBitmap::new(1 << 30, 16).unwrap();
+        assert!(bm.or_word(0, 0b110)); // the racing thread, paused before note_modified
+        assert!(!bm.set_bits(1, 2)); // our mark: nothing changes, and it returns
+        assert!(bm.take_modified());
+        assert!(bm.or_word(1, 1));
+        assert!(!bm.mark_bytes(64 * 65536, 1));
+        assert!(bm.take_modified());
+        // A merge whose bits are all set already (bit 64), likewise.
+        other.set_bits(64, 1);
+        assert!(!bm.merge_from(&other));
         assert!(bm.take_modified());
     }
 

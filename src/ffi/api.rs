@@ -122,6 +122,19 @@ pub extern "C" fn qbm_create(
 }
 
 /// Stores every changed bitmap (they stay flagged in_use while open).
+///
+/// Checkpoint guarantee: a `qbm_mark_dirty` call that returned before
+/// `qbm_flush` was called (returned in this thread, or in another thread
+/// whose return the caller orders before this call with a lock, a join or an
+/// atomic) is in the stored copy of every bitmap it marked when `qbm_flush`
+/// returns 0, and so is
+/// every other change (set, reset, clear, merge, add, remove, enable,
+/// disable) that returned before it. A mark that runs while `qbm_flush` runs
+/// may or may not be stored by it; it is never lost: it stays in memory and
+/// the next `qbm_flush` or `qbm_close` stores it. After a failure nothing is
+/// lost from memory either; the next flush or close stores it again.
+/// While the image is open the stored bitmaps are flagged in_use, as QEMU
+/// flags them; `qbm_close` stores them with the flag cleared.
 #[no_mangle]
 pub extern "C" fn qbm_flush(img: *mut qbm_image) -> c_int {
     run(|| handle(img)?.image.flush().map(|_| 0))
@@ -219,7 +232,8 @@ pub extern "C" fn qbm_bitmap_get_info(
 
 /// Adds an empty bitmap. `granularity` in bytes (power of two, 512 to 2 GiB),
 /// or 0 for QEMU's default (the cluster size within 4 KiB..64 KiB).
-/// `flags`: `QBM_BITMAP_DISABLED` to create it disabled.
+/// `flags`: `QBM_BITMAP_DISABLED` to create it disabled. An enabled one is
+/// marked by every `qbm_mark_dirty` call that starts after this returns.
 #[no_mangle]
 pub extern "C" fn qbm_bitmap_add(
     img: *mut qbm_image,
@@ -269,13 +283,16 @@ pub extern "C" fn qbm_bitmap_clear(img: *mut qbm_image, name: *const c_char) -> 
     by_name(img, name, Image::clear_bitmap)
 }
 
-/// Enables a bitmap: `qbm_mark_dirty` marks it.
+/// Enables a bitmap: `qbm_mark_dirty` calls that start after this returns
+/// mark it (calls already running may or may not).
 #[no_mangle]
 pub extern "C" fn qbm_bitmap_enable(img: *mut qbm_image, name: *const c_char) -> c_int {
     by_name(img, name, Image::enable_bitmap)
 }
 
-/// Disables (freezes) a bitmap: `qbm_mark_dirty` no longer marks it.
+/// Disables (freezes) a bitmap: `qbm_mark_dirty` calls that start after this
+/// returns no longer mark it; calls already running may still mark it until
+/// they return.
 #[no_mangle]
 pub extern "C" fn qbm_bitmap_disable(img: *mut qbm_image, name: *const c_char) -> c_int {
     by_name(img, name, Image::disable_bitmap)
@@ -349,6 +366,15 @@ pub extern "C" fn qbm_bitmap_reset(
 
 /// Marks `[offset, offset+length)` dirty in every enabled bitmap. Lock-free:
 /// call it from any number of threads, on every guest write.
+///
+/// When it returns 0 the range is marked in every bitmap that was enabled
+/// for the whole call: the extent calls see it, and a `qbm_flush` called
+/// after the return stores it (see `qbm_flush`). A bitmap added, removed,
+/// enabled or disabled while the call runs may or may not be marked; the
+/// call sees one set of enabled bitmaps, so when a backup switches
+/// checkpoints by `qbm_bitmap_add(new)` and then `qbm_bitmap_disable(old)`,
+/// every mark lands in old, in new or in both. Read old's extents once every
+/// call that was running when `qbm_bitmap_add(new)` returned has returned.
 #[no_mangle]
 pub extern "C" fn qbm_mark_dirty(img: *mut qbm_image, offset: u64, length: u64) -> c_int {
     // The per-write path: a valid call returns without building a Result,
