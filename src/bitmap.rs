@@ -499,15 +499,20 @@ impl DirtyBitmap {
         slot.load(Relaxed) & bit != 0
     }
 
-    /// First flagged chunk at or after `c`.
-    fn next_flagged_chunk(&self, c: u64) -> Option<u64> {
+    /// First flagged chunk in `c..=last`. The scan stops at `last`: a walk
+    /// over a small range of a big, clean bitmap must not read its whole summary.
+    fn next_flagged_chunk(&self, c: u64, last: u64) -> Option<u64> {
         let mut sw = c / SUMMARY_BITS;
         let mut v = self.summary.get(sw as usize)?.load(Relaxed) & (u64::MAX << (c % SUMMARY_BITS));
         loop {
             if v != 0 {
-                return Some(sw * SUMMARY_BITS + u64::from(v.trailing_zeros()));
+                let found = sw * SUMMARY_BITS + u64::from(v.trailing_zeros());
+                return (found <= last).then_some(found);
             }
             sw += 1;
+            if sw > last / SUMMARY_BITS {
+                return None;
+            }
             v = self.summary.get(sw as usize)?.load(Relaxed);
         }
     }
@@ -516,7 +521,7 @@ impl DirtyBitmap {
     fn flagged_chunks(&self, first: u64, last: u64) -> impl Iterator<Item = u64> + '_ {
         let mut next = first;
         std::iter::from_fn(move || {
-            let c = self.next_flagged_chunk(next).filter(|&c| c <= last)?;
+            let c = self.next_flagged_chunk(next, last)?;
             next = c + 1;
             Some(c)
         })

@@ -84,6 +84,15 @@ impl Allocator {
         self.table_clusters
     }
 
+    /// (table index, offset) of every refcount block the table names.
+    pub fn block_offsets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.table
+            .iter()
+            .enumerate()
+            .filter(|(_, &o)| o != 0)
+            .map(|(i, &o)| (i, o))
+    }
+
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }

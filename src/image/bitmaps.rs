@@ -461,6 +461,29 @@ impl State {
         }
     }
 
+    /// (offset, clusters, what) of the bitmap directory and of every table
+    /// and data cluster that a later store or removal could free.
+    pub(super) fn bitmap_metadata(&self) -> Vec<(u64, u64, String)> {
+        let cs = self.cluster_size();
+        let mut out = Vec::new();
+        if let Some((offset, size)) = self.directory {
+            out.push((
+                offset,
+                size.div_ceil(cs),
+                "the bitmap directory".to_string(),
+            ));
+        }
+        for slot in &self.slots {
+            let pieces = match &slot.table {
+                Some(t) => table_clusters(slot.entry.table_offset, t, cs),
+                None => self.unloaded_clusters(&slot.entry),
+            };
+            let what = format!("bitmap '{}' table or data", slot.entry.name);
+            out.extend(pieces.into_iter().map(|(o, n)| (o, n, what.clone())));
+        }
+        out
+    }
+
     /// The clusters a bitmap that was never loaded occupies, if its table
     /// can be trusted enough to free them; otherwise they leak.
     fn unloaded_clusters(&self, entry: &DirEntry) -> Vec<(u64, u64)> {

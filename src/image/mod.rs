@@ -331,7 +331,80 @@ impl State {
             closed: false,
         };
         st.load_bitmaps(writable)?;
+        if writable {
+            st.check_metadata_refcounts()?;
+        }
         Ok(st)
+    }
+
+    /// Before anything is written: every cluster of the metadata we know must
+    /// have a refcount and belong to one structure only, or an allocation or
+    /// a free would overwrite it (qemu-img check calls this corruption).
+    fn check_metadata_refcounts(&mut self) -> Result<()> {
+        let cs = self.cluster_size();
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
+        let alloc = self.alloc.as_mut().expect("writable");
+        let mut pieces: Vec<(u64, u64, String)> = vec![(0, 1, "the header".into())];
+        pieces.push((
+            alloc.table_offset(),
+            u64::from(alloc.table_clusters()),
+            "the refcount table".into(),
+        ));
+        pieces.extend(
+            alloc
+                .block_offsets()
+                .map(|(i, off)| (off, 1, format!("refcount block {i}"))),
+        );
+        let (l1_offset, l1_bytes) = (
+            self.header.l1_table_offset,
+            u64::from(self.header.l1_size) * 8,
+        );
+        if l1_bytes > 0 {
+            if l1_offset == 0 || l1_offset.saturating_add(l1_bytes) > file_len {
+                return corrupt!(
+                    "l1_table_offset {l1_offset:#x} (l1_size {}) lies outside the file ({file_len} bytes)",
+                    self.header.l1_size
+                );
+            }
+            pieces.push((l1_offset, l1_bytes.div_ceil(cs), "the L1 table".into()));
+            let mut l1 = vec![0u8; l1_bytes as usize];
+            self.storage
+                .read_at(&mut l1, l1_offset)
+                .map_err(|e| Error::io("reading the L1 table", e))?;
+            for (i, e) in l1.chunks_exact(8).enumerate() {
+                let l2 = u64::from_be_bytes(e.try_into().expect("8 bytes")) & L2_OFFSET_MASK;
+                if l2 == 0 {
+                    continue;
+                }
+                if l2 % cs != 0 || l2.saturating_add(cs) > file_len.next_multiple_of(cs) {
+                    return corrupt!("L1 entry {i}: L2 table offset {l2:#x} is unaligned or past the end of the file");
+                }
+                pieces.push((l2, 1, format!("L2 table {i}")));
+            }
+        }
+        pieces.extend(self.bitmap_metadata());
+        pieces.sort_by_key(|p| p.0);
+        for w in pieces.windows(2) {
+            let ((a, n, a_what), (b, _, b_what)) = (&w[0], &w[1]);
+            if a.saturating_add(n.saturating_mul(cs)) > *b {
+                return corrupt!("{a_what} at {a:#x} overlaps {b_what} at {b:#x}");
+            }
+        }
+        let alloc = self.alloc.as_mut().expect("writable");
+        for (offset, n, what) in &pieces {
+            for c in offset / cs..offset / cs + n {
+                if alloc.refcount(self.storage.as_ref(), c)? == 0 {
+                    return corrupt!(
+                        "{what} at {offset:#x}: cluster {:#x} has refcount 0 (repair with `qemu-img check -r all`)",
+                        c * cs
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// What a read-write open changes on disk: unknown autoclear bits cleared,
@@ -440,6 +513,9 @@ impl State {
         alloc.allocate(self.storage.as_ref(), n)
     }
 }
+
+/// Bits 9-55 of an L1 entry: the offset of an L2 table.
+const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// " (name)" for each unknown incompatible bit the feature-name table names.
 fn feature_names(extensions: &[Extension], bits: u64) -> String {
