@@ -59,10 +59,12 @@ fuzz_target!(|data: &[u8]| {
         .bitmaps()
         .map(|v| v.into_iter().map(|b| b.name).collect())
         .unwrap_or_default();
-    // At most ~1M bits: a 64 KiB granularity on a huge disk is legitimate
-    // but makes each run take seconds of linear work.
+    // At most ~1M bits: a bitmap of hundreds of MiB on a huge disk is
+    // legitimate but makes each run take seconds of linear work.
     let granularity = (size >> 20).next_power_of_two().clamp(65536, 1 << 31);
-    let _ = img.add_bitmap("fuzz-added", Some(granularity), true);
+    if size / granularity <= 1 << 21 {
+        let _ = img.add_bitmap("fuzz-added", Some(granularity), true);
+    }
     let _ = img.mark_dirty(0, size.min(4096));
     for b in img.bitmaps().unwrap_or_default() {
         let _ = img.set_range(&b.name, size / 3, size.min(1 << 20) / 2);
