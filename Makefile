@@ -188,3 +188,19 @@ $(OUT)/bench/%: benches/%.c include/qbm.h lib
 
 bench: lib bin $(BENCH_BINS)
 	python3 benches/run.py $(OUT)
+
+# Fuzzing with cargo-fuzz (fuzz/): each target runs FUZZ_SECONDS seconds on
+# the corpus fuzz/make-seeds.sh builds from QEMU-made images. cargo-fuzz
+# passes nightly -Z flags; only the stable toolchain is installed, hence
+# RUSTC_BOOTSTRAP=1. Not part of `make check`.
+FUZZ_SECONDS ?= 60
+
+fuzz:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || \
+	  { echo "make fuzz needs cargo-fuzz: cargo install cargo-fuzz"; exit 1; }
+	@[ -d fuzz/corpus/open_image ] || bash fuzz/make-seeds.sh
+	@for t in open_image header extension bitmap_dir bitmap_table refcount; do \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=30 || exit 1; \
+	done

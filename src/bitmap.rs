@@ -928,16 +928,21 @@ impl DirtyBitmap {
         slot.load(Relaxed) & bit != 0
     }
 
-    /// First flagged block at or after `b`.
-    fn next_flagged_block(&self, b: u64) -> Option<u64> {
+    /// First flagged block in `b..=last`. The scan stops at `last`: a walk
+    /// over a small range of a big, clean bitmap must not read its whole summary.
+    fn next_flagged_block(&self, b: u64, last: u64) -> Option<u64> {
         let summary = self.summary();
         let mut sw = b / SUMMARY_BITS;
         let mut v = summary.get(sw as usize)?.load(Relaxed) & (u64::MAX << (b % SUMMARY_BITS));
         loop {
             if v != 0 {
-                return Some(sw * SUMMARY_BITS + u64::from(v.trailing_zeros()));
+                let found = sw * SUMMARY_BITS + u64::from(v.trailing_zeros());
+                return (found <= last).then_some(found);
             }
             sw += 1;
+            if sw > last / SUMMARY_BITS {
+                return None;
+            }
             v = summary.get(sw as usize)?.load(Relaxed);
         }
     }
@@ -946,7 +951,7 @@ impl DirtyBitmap {
     fn flagged_blocks(&self, first: u64, last: u64) -> impl Iterator<Item = u64> + '_ {
         let mut next = first;
         std::iter::from_fn(move || {
-            let b = self.next_flagged_block(next).filter(|&b| b <= last)?;
+            let b = self.next_flagged_block(next, last)?;
             next = b + 1;
             Some(b)
         })
