@@ -183,6 +183,23 @@ fn bad_data_files_are_refused() {
         );
         assert!(!img.exists(), "case {i}: an image was left behind");
     }
+    // A raw file whose size is not whole sectors: the companion covers the
+    // whole sectors.
+    let odd = dir.join("odd.raw");
+    fs::File::create(&odd)
+        .unwrap()
+        .set_len(4 * MIB + 700)
+        .unwrap();
+    let img = Image::create(
+        dir.join("odd.qcow2"),
+        &CreateOptions {
+            data_file: Some(odd),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(img.size(), 4 * MIB + 512);
+    img.close().unwrap();
     // The raw file was never written.
     assert_eq!(read_bytes(&small, 0, 4096), vec![0x40; 4096]);
 }

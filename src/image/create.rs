@@ -152,7 +152,12 @@ fn with_data_file_size(options: &CreateOptions) -> Result<CreateOptions> {
             "data file {shown} is not a regular file or block device"
         )));
     };
-    let size = if options.size == 0 { len } else { options.size };
+    // QEMU sizes are whole sectors: a raw file's odd tail is not guest data.
+    let size = if options.size == 0 {
+        len / 512 * 512
+    } else {
+        options.size
+    };
     if size == 0 || len < size.next_multiple_of(512) {
         return Err(Error::InvalidArgument(format!(
             "data file {shown} is {len} bytes, smaller than the virtual size {}",
