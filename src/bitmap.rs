@@ -42,7 +42,7 @@ use std::fmt;
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8};
 use std::sync::{Arc, OnceLock};
 
 use memmap2::{MmapMut, UncheckedAdvice};
@@ -59,6 +59,10 @@ const SUMMARY_BITS: u64 = 64;
 const SPARE_BLOCKS: u64 = 1024;
 /// Table value of a block that does not exist (reads as zeros).
 const NO_BLOCK: u32 = 0;
+/// `DirtyBitmap::state` bits: changed since the last `take_modified`.
+const MODIFIED: u8 = 1;
+/// `DirtyBitmap::state` bits: `successor` is set, marks are forwarded.
+const FORWARD: u8 = 2;
 
 /// A dirty bitmap over a virtual disk; all methods take `&self` and are safe to
 /// call concurrently.
@@ -87,7 +91,9 @@ pub struct DirtyBitmap {
     size: u64,
     granularity_bits: u32,
     bit_count: u64,
-    modified: AtomicBool,
+    /// `MODIFIED | FORWARD` bits, in one byte so that the marking path
+    /// checks both with one load (`== MODIFIED`: nothing to do).
+    state: AtomicU8,
     /// Set when a resize replaces this bitmap: marks that still reach it
     /// (through a list published before the replacement) go on to the new
     /// one too, so none is lost however late it lands.
@@ -171,7 +177,7 @@ impl DirtyBitmap {
             size,
             granularity_bits,
             bit_count,
-            modified: AtomicBool::new(false),
+            state: AtomicU8::new(0),
             successor: OnceLock::new(),
         })
     }
@@ -181,13 +187,23 @@ impl DirtyBitmap {
     /// saw no successor landed before that merge reads it.
     pub fn forward_to(&self, next: Arc<DirtyBitmap>) {
         let _ = self.successor.set(next);
-        // Orders the successor store before the merge's reads, against the
-        // markers' bit update followed by their successor load.
+        // Release: a marker that sees FORWARD sees the successor. SeqCst, and
+        // the fence: orders FORWARD before the merge's reads, against the
+        // markers' bit update followed by their (SeqCst) load of `state`.
+        self.state.fetch_or(FORWARD, SeqCst);
         std::sync::atomic::fence(SeqCst);
     }
 
     #[inline]
     fn forward(&self, offset: u64, len: u64) {
+        if self.state.load(SeqCst) & FORWARD != 0 {
+            self.forward_slow(offset, len);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn forward_slow(&self, offset: u64, len: u64) {
         if let Some(next) = self.successor.get() {
             next.mark_bytes(offset, len);
         }
@@ -624,7 +640,7 @@ impl DirtyBitmap {
     /// Returns and clears the modified flag. Call before serializing, so that
     /// marks racing with the store raise the flag again.
     pub fn take_modified(&self) -> bool {
-        let was = self.modified.swap(false, SeqCst);
+        let was = self.state.fetch_and(!MODIFIED, SeqCst) & MODIFIED != 0;
         // Orders the caller's following (Relaxed) reads of data words after the
         // swap, pairing with the SeqCst RMW(data) -> load(modified) of markers.
         fence(SeqCst);
@@ -632,11 +648,11 @@ impl DirtyBitmap {
     }
 
     pub fn is_modified(&self) -> bool {
-        self.modified.load(Acquire)
+        self.state.load(Acquire) & MODIFIED != 0
     }
 
     pub fn set_modified(&self) {
-        self.modified.store(true, Release);
+        self.state.fetch_or(MODIFIED, Release);
     }
 
     /// Rough size of the bits in use: flagged blocks times 128 bytes plus
@@ -838,9 +854,10 @@ impl DirtyBitmap {
     }
 
     /// Raises the modified flag, skipping the store when already raised.
+    #[inline]
     pub(crate) fn note_modified(&self) {
-        if !self.modified.load(SeqCst) {
-            self.modified.store(true, Release);
+        if self.state.load(SeqCst) & MODIFIED == 0 {
+            self.state.fetch_or(MODIFIED, SeqCst);
         }
     }
 
@@ -1046,17 +1063,35 @@ impl Hot {
     #[inline(always)]
     fn set_bit(self, bit: u64, bm: &DirtyBitmap) -> bool {
         debug_assert!(bit < bm.bit_count);
+        // SAFETY: as required by `set_installed_bit`.
+        match unsafe { self.set_installed_bit(bit) } {
+            Some(changed) => changed,
+            None => bm.or_word(bit / WORD_BITS, 1 << (bit % WORD_BITS)),
+        }
+    }
+
+    /// Sets bit `bit` if its block is installed (`Some(bit went 0 -> 1)`),
+    /// else does nothing (`None`). No calls, no bounds checks, no panics:
+    /// the core of the C marking path.
+    ///
+    /// # Safety
+    /// `self` must point into a live bitmap's mapping and `bit` must be
+    /// below that bitmap's `bit_count`.
+    #[inline(always)]
+    unsafe fn set_installed_bit(self, bit: u64) -> Option<bool> {
         let b = bit / BLOCK_BITS;
         let w = bit / WORD_BITS;
         let mask = 1u64 << (bit % WORD_BITS);
         // SAFETY: `bit < bit_count`, so `b < block_count`: the table entry
-        // lies inside the map, which `bm` owns (see `DirtyBitmap::new`).
+        // lies inside the map, which the caller keeps alive (see `DirtyBitmap::new`).
         let id = unsafe { &*self.table.add(b as usize) }.load(Acquire);
         if id == NO_BLOCK {
-            return bm.or_word(w, mask);
+            return None;
         }
-        debug_assert!(u64::from(id) <= bm.arena_blocks);
-        let index = (u64::from(id) - 1) * BLOCK_WORDS + w % BLOCK_WORDS;
+        let index = u64::from(id)
+            .wrapping_sub(1)
+            .wrapping_mul(BLOCK_WORDS)
+            .wrapping_add(w % BLOCK_WORDS);
         // SAFETY: installed block numbers come from `alloc_block`, which hands
         // out 1..=arena_blocks only, so the word lies inside the arena.
         let word = unsafe { &*self.arena.add(index as usize) };
@@ -1069,7 +1104,7 @@ impl Hot {
         if slot.load(SeqCst) & sbit == 0 {
             slot.fetch_or(sbit, SeqCst);
         }
-        changed
+        Some(changed)
     }
 }
 
@@ -1078,6 +1113,8 @@ impl Hot {
 pub struct Marker {
     hot: Hot,
     granularity_bits: u32,
+    /// Last marker of its list (see `EnabledSet`).
+    pub(crate) last: bool,
     size: u64,
     bitmap: Arc<DirtyBitmap>,
 }
@@ -1093,9 +1130,34 @@ impl Marker {
         Marker {
             hot: bitmap.hot(),
             granularity_bits: bitmap.granularity_bits,
+            last: false,
             size: bitmap.size,
             bitmap,
         }
+    }
+
+    /// Marks guest bytes `[offset, last]` (`offset <= last`) when that is
+    /// the common case: one granule, whose block exists, of a bitmap
+    /// already flagged modified and not forwarding. Returns false, having
+    /// done all, part or none of the mark, otherwise; the caller then marks
+    /// the range through [`Marker::mark_bytes`] (marking twice is harmless).
+    /// Makes no calls and cannot panic, so the C entry point needs neither
+    /// a stack frame nor an unwind guard on this path.
+    #[inline(always)]
+    pub fn mark_fast(&self, offset: u64, last: u64) -> bool {
+        let g = self.granularity_bits;
+        let bit = offset >> g;
+        if last >= self.size || bit != last >> g {
+            return false;
+        }
+        // SAFETY: `hot` points into `bitmap`'s mapping, which `self` keeps
+        // alive, and `bit <= last >> g < bit_count` since `last < size`.
+        if unsafe { self.hot.set_installed_bit(bit) }.is_none() {
+            return false;
+        }
+        // After the bit (see `DirtyBitmap::set_bits` and `forward_to`): one
+        // load decides that `modified` is raised and nothing is forwarded.
+        self.bitmap.state.load(SeqCst) == MODIFIED
     }
 
     pub fn bitmap(&self) -> &Arc<DirtyBitmap> {

@@ -377,13 +377,11 @@ pub extern "C" fn qbm_bitmap_reset(
 /// call that was running when `qbm_bitmap_add(new)` returned has returned.
 #[no_mangle]
 pub extern "C" fn qbm_mark_dirty(img: *mut qbm_image, offset: u64, length: u64) -> c_int {
-    // The per-write path: a valid call returns without building a Result,
-    // in a frame that holds nothing for the error path. Any refusal (or a
-    // panic) goes the ordinary way, which sets the message.
-    let marked = std::panic::catch_unwind(move || {
-        handle_fast(img).is_some_and(|h| h.image.try_mark_dirty(offset, length))
-    });
-    if let Ok(true) = marked {
+    // The per-write path: the common case (one granule of an existing block
+    // in every enabled bitmap) makes no call and cannot panic, so it needs no
+    // frame or unwind guard. Anything else, and any refusal, goes the
+    // ordinary way (marking again is harmless), which sets the message.
+    if handle_fast(img).is_some_and(|h| h.image.mark_dirty_fast(offset, length)) {
         return 0;
     }
     mark_dirty_slow(img, offset, length)

@@ -14,7 +14,7 @@
 //! slot costs two fenced atomic operations: more than the mark itself.)
 
 use crate::bitmap::{DirtyBitmap, Marker};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 type List = Vec<Marker>;
@@ -24,8 +24,9 @@ type List = Vec<Marker>;
 const SEGMENTS: usize = 48;
 
 pub struct EnabledSet {
-    /// Index of the list markers use.
-    current: AtomicUsize,
+    /// First marker of the list markers use (its last one has `last` set),
+    /// or null when no bitmap is enabled: one load finds the list.
+    head: AtomicPtr<Marker>,
     /// Number of lists published (the next index); written under the lock.
     published: AtomicUsize,
     segments: [OnceLock<Box<[OnceLock<List>]>>; SEGMENTS],
@@ -34,7 +35,7 @@ pub struct EnabledSet {
 impl Default for EnabledSet {
     fn default() -> EnabledSet {
         let set = EnabledSet {
-            current: AtomicUsize::new(0),
+            head: AtomicPtr::new(std::ptr::null_mut()),
             published: AtomicUsize::new(0),
             segments: [const { OnceLock::new() }; SEGMENTS],
         };
@@ -54,7 +55,10 @@ fn locate(i: usize) -> (usize, usize) {
 impl EnabledSet {
     /// Publishes a new list. Callers serialise publishes (the image's state lock).
     pub fn publish(&self, bitmaps: Vec<Arc<DirtyBitmap>>) {
-        let bitmaps: List = bitmaps.into_iter().map(Marker::new).collect();
+        let mut bitmaps: List = bitmaps.into_iter().map(Marker::new).collect();
+        if let Some(m) = bitmaps.last_mut() {
+            m.last = true;
+        }
         let i = self.published.load(Ordering::Relaxed);
         let (k, slot) = locate(i);
         let segment =
@@ -62,19 +66,47 @@ impl EnabledSet {
         // Only the publisher writes slot i, once: set cannot fail.
         let _ = segment[slot].set(bitmaps);
         self.published.store(i + 1, Ordering::Relaxed);
-        // Release: a marker that reads index i sees the list stored above.
-        self.current.store(i, Ordering::Release);
+        // The stored list never moves or changes again (see above).
+        let head = segment[slot]
+            .get()
+            .filter(|l| !l.is_empty())
+            .map_or(std::ptr::null_mut(), |l| l.as_ptr().cast_mut());
+        // Release: a marker that reads `head` sees the list stored above.
+        self.head.store(head, Ordering::Release);
     }
 
     /// Calls `f` on every enabled bitmap, without locking, writing shared
     /// memory or allocating.
     #[inline]
     pub fn for_each(&self, mut f: impl FnMut(&Marker)) {
-        let (k, slot) = locate(self.current.load(Ordering::Acquire));
-        if let Some(list) = self.segments[k].get().and_then(|s| s[slot].get()) {
-            for m in list.iter() {
-                f(m);
+        self.all(|m| {
+            f(m);
+            true
+        });
+    }
+
+    /// Calls `f` on every enabled bitmap until it returns false; true if it
+    /// never did. Like `for_each`: no locks, no shared writes, no calls but `f`.
+    #[inline(always)]
+    pub fn all(&self, mut f: impl FnMut(&Marker) -> bool) -> bool {
+        let mut p = self.head.load(Ordering::Acquire).cast_const();
+        if p.is_null() {
+            return true;
+        }
+        loop {
+            // SAFETY: a non-null head points at the first marker of a
+            // published list, which stays in `segments` unchanged until `self`
+            // is dropped; the list ends with the marker whose `last` is set,
+            // so `p` stays inside it.
+            let m = unsafe { &*p };
+            if !f(m) {
+                return false;
             }
+            if m.last {
+                return true;
+            }
+            // SAFETY: `m` is not the last marker of its list.
+            p = unsafe { p.add(1) };
         }
     }
 

@@ -243,18 +243,21 @@ impl Image {
         Ok(())
     }
 
-    /// [`Image::mark_dirty`] for the C hot path: false (nothing marked) when
-    /// `mark_dirty` would refuse the call.
-    #[inline]
-    pub fn try_mark_dirty(&self, offset: u64, length: u64) -> bool {
-        match offset.checked_add(length) {
-            Some(end) if self.writable && end <= self.size.load(Ordering::Relaxed) => {}
-            _ => return false,
+    /// The common case of [`Image::mark_dirty`] for the C hot path, without
+    /// calls, frames or panics: true when every enabled bitmap took the mark through
+    /// [`crate::bitmap::Marker::mark_fast`]. False means "not done (or
+    /// partly)": the caller goes the ordinary way, which marks again.
+    #[inline(always)]
+    pub fn mark_dirty_fast(&self, offset: u64, length: u64) -> bool {
+        let last = offset.wrapping_add(length).wrapping_sub(1);
+        // length > 0, no overflow, inside the disk.
+        if length == 0 || last < offset || !self.writable {
+            return false;
         }
-        self.enabled.for_each(|b| {
-            b.mark_bytes(offset, length);
-        });
-        true
+        if last >= self.size.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.enabled.all(|m| m.mark_fast(offset, last))
     }
 
     #[cold]
