@@ -234,3 +234,46 @@ fn range_probes_of_a_big_clean_bitmap_stop_at_the_range() {
         "probing a 512 MiB bitmap took {t_big:?}, a 2 MiB one {t_small:?}"
     );
 }
+
+/// Fuzz crash (open_image, after the branches merged): an L1 entry with a
+/// reserved bit set (0x700 → offset 0x600) named the L1 table itself as an
+/// L2 table, but past the end of the then-short file, so the open accepted
+/// it; our own writes grew the file, and the image we closed no longer
+/// opened ("points into the L1 table"). L2 tables past the end of the file
+/// are now mapped too: the open refuses the overlap at once, and refuses to
+/// write over an L2 table that lies past the end (its refcount is 0).
+#[test]
+fn l2_tables_past_the_end_of_the_file_are_mapped() {
+    let base = image(512, 16, |_| {});
+    let h = Header::parse(&base).unwrap();
+    let l1 = h.l1_table_offset as usize;
+
+    // The L1 table names itself (through a reserved bit), in a short file.
+    let mut img = base.clone();
+    img[l1 + 31 * 8..l1 + 32 * 8].copy_from_slice(&(h.l1_table_offset + 0x100).to_be_bytes());
+    img.truncate(l1 + 32 * 8 + 27);
+    for options in [OpenOptions::read_only(), OpenOptions::read_write()] {
+        let err = open(&img, options).err().expect("opened");
+        assert_eq!(err.errno(), libc::EUCLEAN, "{err}");
+        assert!(
+            err.to_string().contains("L1 entry 31: L2 table at"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("points into the L1 table"),
+            "{err}"
+        );
+    }
+
+    // An L2 table wholly past the end: readable, not writable.
+    let mut img = base.clone();
+    let past = (img.len() as u64 + 4096).next_multiple_of(512);
+    img[l1 + 8..l1 + 16].copy_from_slice(&past.to_be_bytes());
+    open(&img, OpenOptions::read_only()).expect("read-only open works");
+    let err = open(&img, OpenOptions::read_write())
+        .err()
+        .expect("opened for writing");
+    assert_eq!(err.errno(), libc::EUCLEAN, "{err}");
+    assert!(err.to_string().contains("L1 entry 1: L2 table at"), "{err}");
+    assert!(err.to_string().contains("has refcount 0"), "{err}");
+}

@@ -132,8 +132,9 @@ fn read(storage: &dyn Storage, buf: &mut [u8], offset: u64, what: &str) -> Resul
 /// The structures cluster 0 names: the header, the refcount table (and its
 /// blocks when `alloc` is loaded), the active L1 table and the L2 tables it
 /// names, the snapshot table and each snapshot's L1 table. Fails when one of
-/// them lies past the end of the file; L1 entries that are not plausible are
-/// left to whoever reads guest data.
+/// them lies past the end of the file; unaligned L1 entries are left to
+/// whoever reads guest data (an L2 table past the end of the file is kept: it
+/// must not overlap anything, and a writer needs its refcount).
 pub(super) fn base(
     storage: &dyn Storage,
     h: &Header,
@@ -167,7 +168,9 @@ pub(super) fn base(
         read(storage, &mut l1, h.l1_table_offset, "the L1 table")?;
         for i in 0..h.l1_size as usize {
             let off = be64(&l1, i * 8) & L1_OFFSET_MASK;
-            if off != 0 && off % cs == 0 && off.saturating_add(cs) <= file_len {
+            // Also past the end of the file: a file that grows later (our own
+            // allocations) would otherwise turn such an entry into an overlap.
+            if off != 0 && off % cs == 0 {
                 l.add(off, cs, Kind::L2Table(i as u32));
             }
         }
