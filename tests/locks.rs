@@ -64,10 +64,22 @@ fn storage_daemon_and_tools_see_our_locks_and_we_see_theirs() {
         .spawn()
         .expect("qemu-storage-daemon");
     let start = Instant::now();
-    while !lock_held(&img, 101) {
+    let shared = || {
+        Image::open(
+            &img,
+            OpenOptions {
+                writable: false,
+                force_share: true,
+            },
+        )
+    };
+    // Ready once it holds the write lock and has flagged the bitmap in use:
+    // its own write must come before our snapshot of the file.
+    let in_use = || shared().is_ok_and(|s| s.bitmap_info("b").is_ok_and(|b| b.in_use));
+    while !(lock_held(&img, 101) && in_use()) {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "qsd never took its write lock"
+            "qsd never took the image"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -84,14 +96,7 @@ fn storage_daemon_and_tools_see_our_locks_and_we_see_theirs() {
         );
     }
     assert!(fs::read(&img).unwrap() == before, "a refused open wrote");
-    let shared = Image::open(
-        &img,
-        OpenOptions {
-            writable: false,
-            force_share: true,
-        },
-    )
-    .unwrap();
+    let shared = shared().unwrap();
     let b = shared.bitmap_info("b").unwrap();
     assert!(
         b.in_use,
