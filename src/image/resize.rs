@@ -32,7 +32,9 @@ impl Image {
     /// 512, as QEMU requires) and every bitmap with it. Refused while a
     /// bitmap is inconsistent (in use when the image was opened) or carries
     /// extra data this version does not understand, and on images with
-    /// internal snapshots.
+    /// internal snapshots. A shrink that fails after discarding (an I/O
+    /// error) leaves the old size with the discarded tail reading as zeros,
+    /// as QEMU's does.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         if !self.writable {
             return Err(self.read_only_error());
@@ -118,6 +120,17 @@ impl State {
             )));
         }
 
+        // The new bitmaps first: nothing on disk changes if memory runs out.
+        let mut replaced = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let old = slot.data.clone().expect("usable (checked above)");
+            let new = DirtyBitmap::new(new_size, old.granularity_bits())
+                .map_err(|e| Error::io("allocating a resized bitmap", e))?;
+            new.merge_from(&old);
+            new.set_modified();
+            replaced.push((Arc::new(new), old));
+        }
+
         // 1. Guest clusters past the end go; or the L1 table grows.
         let mut new_header = self.header.clone();
         new_header.size = new_size;
@@ -146,15 +159,6 @@ impl State {
 
         // 3. New bitmaps of the new size; the caller publishes them and
         //    stores them.
-        let mut replaced = Vec::with_capacity(self.slots.len());
-        for slot in &self.slots {
-            let old = slot.data.clone().expect("usable (checked above)");
-            let new = DirtyBitmap::new(new_size, old.granularity_bits())
-                .map_err(|e| Error::io("allocating a resized bitmap", e))?;
-            new.merge_from(&old);
-            new.set_modified();
-            replaced.push((Arc::new(new), old));
-        }
         for (slot, (new, _)) in self.slots.iter_mut().zip(&replaced) {
             slot.data = Some(new.clone());
         }
