@@ -34,7 +34,7 @@ impl Image {
     /// extra data this version does not understand, and on images with
     /// internal snapshots. A shrink that fails after discarding (an I/O
     /// error) leaves the old size with the discarded tail reading as zeros,
-    /// as QEMU's does.
+    /// (the clusters were freed before the size could change).
     pub fn resize(&self, new_size: u64) -> Result<()> {
         if !self.writable {
             return Err(self.read_only_error());
