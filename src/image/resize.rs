@@ -33,7 +33,7 @@ impl Image {
     /// bitmap is inconsistent (in use when the image was opened) or carries
     /// extra data this version does not understand, and on images with
     /// internal snapshots. A shrink that fails after discarding (an I/O
-    /// error) leaves the old size with the discarded tail reading as zeros,
+    /// error) leaves the old size with the discarded tail reading as zeros
     /// (the clusters were freed before the size could change).
     pub fn resize(&self, new_size: u64) -> Result<()> {
         if !self.writable {
