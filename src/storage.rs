@@ -23,6 +23,26 @@ pub trait Storage: Send + Sync {
     }
 }
 
+/// A storage shared with the caller, who keeps a handle on the bytes (tests
+/// read an image back after `Image::close` consumed its storage).
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}
+
 /// A regular file or block device.
 pub struct FileStorage {
     file: File,

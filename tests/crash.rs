@@ -287,26 +287,8 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
     {
         let st = qbm::storage::MemoryStorage::new(std_base.clone());
         let shared = std::sync::Arc::new(st);
-        struct Shared(std::sync::Arc<qbm::storage::MemoryStorage>);
-        impl qbm::storage::Storage for Shared {
-            fn read_at(&self, b: &mut [u8], o: u64) -> std::io::Result<()> {
-                self.0.read_at(b, o)
-            }
-            fn write_at(&self, b: &[u8], o: u64) -> std::io::Result<()> {
-                self.0.write_at(b, o)
-            }
-            fn flush(&self) -> std::io::Result<()> {
-                self.0.flush()
-            }
-            fn len(&self) -> std::io::Result<u64> {
-                self.0.len()
-            }
-            fn set_len(&self, l: u64) -> std::io::Result<()> {
-                self.0.set_len(l)
-            }
-        }
         let img = Image::open_storage(
-            Box::new(Shared(shared.clone())),
+            Box::new(shared.clone()),
             "crashed",
             OpenOptions::read_write(),
         )

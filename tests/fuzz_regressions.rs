@@ -7,30 +7,9 @@ use qbm::format::extension::{self, BitmapsExtension};
 use qbm::format::header::Header;
 use qbm::format::refcount;
 use qbm::image::{CreateOptions, Image, OpenOptions};
-use qbm::storage::{MemoryStorage, Storage};
+use qbm::storage::MemoryStorage;
 use qbm::DirtyBitmap;
 use std::sync::Arc;
-
-/// The target's way of keeping the bytes of an image it handed over.
-struct Shared(Arc<MemoryStorage>);
-
-impl Storage for Shared {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-}
 
 /// A fresh image's bytes, after `setup` ran on it read-write.
 fn image(cluster_size: u64, refcount_bits: u32, setup: impl FnOnce(&Image)) -> Vec<u8> {
@@ -41,7 +20,7 @@ fn image(cluster_size: u64, refcount_bits: u32, setup: impl FnOnce(&Image)) -> V
         refcount_bits,
         ..Default::default()
     };
-    let img = Image::create_storage(Box::new(Shared(mem.clone())), "base", &options).unwrap();
+    let img = Image::create_storage(Box::new(mem.clone()), "base", &options).unwrap();
     setup(&img);
     img.close().unwrap();
     mem.contents()

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use qbm::image::{Image, OpenOptions};
-use qbm::storage::{MemoryStorage, Storage};
+use qbm::storage::MemoryStorage;
 use std::sync::Arc;
 
 /// Bigger inputs only slow the fuzzer down; seeds are a few hundred KiB.
@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     // open_storage owns its storage; share it to read the bytes back after close.
     let mem = Arc::new(MemoryStorage::new(data.to_vec()));
     let Ok(img) = Image::open_storage(
-        Box::new(Shared(mem.clone())),
+        Box::new(mem.clone()),
         "fuzz",
         OpenOptions::read_write(),
     ) else {
@@ -89,23 +89,3 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// The target's handle on the bytes of an image it gave away.
-struct Shared(Arc<MemoryStorage>);
-
-impl Storage for Shared {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-}
