@@ -92,6 +92,10 @@ pub struct DirtyBitmap {
     /// (through a list published before the replacement) go on to the new
     /// one too, so none is lost however late it lands.
     successor: OnceLock<Arc<DirtyBitmap>>,
+    /// Write-intent mode (image/intent.rs): the bits known to be on disk
+    /// where the bitmap lives now. Set once, when the bitmap is first
+    /// stored in place; the marking path reads it without a lock.
+    durable: OnceLock<Arc<DirtyBitmap>>,
 }
 
 // SAFETY: `base` points into `map`, which the bitmap owns and which is only
@@ -173,6 +177,7 @@ impl DirtyBitmap {
             bit_count,
             modified: AtomicBool::new(false),
             successor: OnceLock::new(),
+            durable: OnceLock::new(),
         })
     }
 
@@ -184,6 +189,17 @@ impl DirtyBitmap {
         // Orders the successor store before the merge's reads, against the
         // markers' bit update followed by their successor load.
         std::sync::atomic::fence(SeqCst);
+    }
+
+    /// The write-intent shadow of this bitmap (see `durable`), if any.
+    #[inline]
+    pub fn durable(&self) -> Option<&Arc<DirtyBitmap>> {
+        self.durable.get()
+    }
+
+    /// Attaches the write-intent shadow; false if one is already attached.
+    pub fn set_durable(&self, shadow: Arc<DirtyBitmap>) -> bool {
+        self.durable.set(shadow).is_ok()
     }
 
     #[inline]
