@@ -508,9 +508,10 @@ impl State {
         let dir = (!self.slots.is_empty()).then_some((0, 0, 1));
         let (exts, autoclear) = self.bitmaps_extensions(dir);
         self.encode_cluster0(&exts, autoclear)?;
-        // Nobody marks a bitmap without a shadow durably; these are stored
-        // whole, so what they hold now is what will be on disk.
-        self.store_and_commit(&fresh, true)?;
+        // The shadows are copied before the store reads the bits: marks
+        // only add bits (clear and reset wait for the state lock we hold),
+        // so what is stored holds at least the copy.
+        let mut shadows = Vec::with_capacity(fresh.len());
         for &i in &fresh {
             let bm = self.slots[i].data.clone().expect("usable");
             let shadow = DirtyBitmap::new(bm.size(), bm.granularity_bits()).map_err(|e| {
@@ -531,6 +532,12 @@ impl State {
                 shadow.write_serialized(at, &buf[..n]);
                 at += n as u64;
             }
+            shadows.push((i, shadow));
+        }
+        fence(Ordering::SeqCst);
+        self.store_and_commit(&fresh, true)?;
+        for (i, shadow) in shadows {
+            let bm = self.slots[i].data.clone().expect("usable");
             if !bm.set_durable(Arc::new(shadow)) {
                 // Stored in place once before (then moved by a non-intent
                 // store): the old shadow no longer describes the disk.
