@@ -245,6 +245,41 @@ fn clean_close_leaves_no_record() {
     assert!(a.usable && !a.recovered && a.dirty_bytes == 64 * KIB);
 }
 
+#[test]
+fn record_too_large_for_cluster_0_is_refused_cleanly() {
+    let bytes = base(GIB, 512, &[("a", 64 * KIB)]);
+    let s = Counting::new(bytes, Duration::ZERO);
+    let img = Image::open_storage(Box::new(s.clone()), "wi", wi()).unwrap();
+    let mut added = 0;
+    let err = loop {
+        match img.add_bitmap(&format!("b{added}"), Some(64 * KIB), true) {
+            Ok(()) => added += 1,
+            Err(e) => break e,
+        }
+        assert!(added < 100);
+    };
+    assert_eq!(err.errno(), libc_enospc(), "{err}");
+    assert!(added >= 5, "{added}");
+    assert_eq!(img.bitmap_count().unwrap(), added + 1);
+    img.mark_dirty(0, 1).unwrap();
+    crash(img);
+    let img = Image::open_storage(
+        Box::new(MemoryStorage::new(s.inner.contents())),
+        "after",
+        OpenOptions::read_write(),
+    )
+    .unwrap();
+    let bitmaps = img.bitmaps().unwrap();
+    assert_eq!(bitmaps.len(), added + 1);
+    assert!(bitmaps
+        .iter()
+        .all(|b| b.recovered && b.dirty_bytes == 64 * KIB));
+}
+
+fn libc_enospc() -> i32 {
+    28
+}
+
 /// A crashed write-intent session in a file; returns the marks it made.
 fn crashed_file(path: &Path, cluster_size: u64) -> Vec<(u64, u64)> {
     let bytes = base(GIB, cluster_size, &[("a", 64 * KIB), ("b", 512)]);

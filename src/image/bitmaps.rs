@@ -625,8 +625,14 @@ impl Image {
         let granularity = granularity.unwrap_or_else(|| st.cluster_size().clamp(4096, 65536));
         self.add_locked(&mut st, name, granularity, enabled)
             .map_err(|e| self.ctx(e))?;
-        // Write-intent mode: stored in place before anyone marks it.
-        let stored = st.commit_intent().map_err(|e| self.ctx(e));
+        // Write-intent mode: stored in place before anyone marks it. When
+        // cluster 0 cannot hold the larger record (found before anything
+        // is written), the add is undone.
+        let stored = st.commit_intent();
+        if let Err(Error::NoSpace(_)) = &stored {
+            st.slots.pop();
+        }
+        let stored = stored.map_err(|e| self.ctx(e));
         self.publish_enabled(&st);
         stored
     }

@@ -505,8 +505,13 @@ impl State {
         {
             return Ok(());
         }
+        // Fail before writing anything if cluster 0 cannot hold the result
+        // (the record grows with the number of bitmaps).
         let dir = (!self.slots.is_empty()).then_some((0, 0, 1));
-        let (exts, autoclear) = self.bitmaps_extensions(dir);
+        let (mut exts, mut autoclear) = self.bitmaps_extensions(dir);
+        let entries: Vec<DirEntry> = self.slots.iter().map(|s| s.entry.clone()).collect();
+        let all = vec![true; entries.len()];
+        self.intent_record(&mut exts, &mut autoclear, dir, &entries, &all, true);
         self.encode_cluster0(&exts, autoclear)?;
         // The shadows are copied before the store reads the bits: marks
         // only add bits (clear and reset wait for the state lock we hold),
