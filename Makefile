@@ -180,7 +180,7 @@ clean:
 
 # make bench: issue 5's figures against QEMU's tools and bare-C limits,
 # measured in the same run; prints one table, writes bench-results.json.
-BENCH_BINS := $(OUT)/bench/mark $(OUT)/bench/lib
+BENCH_BINS := $(OUT)/bench/mark $(OUT)/bench/lib $(OUT)/bench/intent
 
 $(OUT)/bench/%: benches/%.c include/qbm.h lib
 	@mkdir -p $(dir $@)
