@@ -414,7 +414,9 @@ int qbm_mark_dirty_nowait(struct qbm_image *img, uint64_t offset, uint64_t lengt
  * Write-intent mode: makes every mark that `qbm_mark_dirty_nowait`
  * reported as needing a sync (before this call) durable: one round of
  * in-place writes and one flush, shared with concurrent calls. 0 on
- * success (also outside write-intent mode), negative errno on failure.
+ * success (also outside write-intent mode), negative errno on failure;
+ * after a failure the marks stay pending and a later `qbm_sync` (or a
+ * blocking `qbm_mark_dirty`) tries them again.
  */
 int qbm_sync(struct qbm_image *img);
 

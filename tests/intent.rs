@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::fault_storage::{for_each_cut, Cut, Op, RecordingStorage};
+use common::fault_storage::{for_each_cut, Cut, FailingStorage, Op, RecordingStorage};
 use common::*;
 use qbm::image::{CreateOptions, Image, OpenOptions, AUTOCLEAR_WRITE_INTENT, RECORD_MAGIC};
 use qbm::storage::{MemoryStorage, Storage};
@@ -243,6 +243,53 @@ fn clean_close_leaves_no_record() {
     .unwrap();
     let a = img.bitmap_info("a").unwrap();
     assert!(a.usable && !a.recovered && a.dirty_bytes == 64 * KIB);
+}
+
+#[test]
+fn io_errors_reach_every_waiter_and_the_image_stays_usable() {
+    let bytes = base(GIB, 64 * KIB, &[("a", 64 * KIB)]);
+    let s = FailingStorage::new(bytes);
+    let img = Image::open_storage(Box::new(s.clone()), "wi", wi()).unwrap();
+    let ctl = s.control();
+    ctl.fail_flush(ctl.flushes() + 1, 5, true);
+    let e = img.mark_dirty(0, 1).unwrap_err();
+    assert_eq!(e.errno(), 5, "{e}");
+    // Still failing: the same bits are not durable, so it waits and fails again.
+    assert_eq!(img.mark_dirty(0, 1).unwrap_err().errno(), 5);
+    assert!(img.mark_dirty_nowait(MIB, 1).unwrap());
+    assert_eq!(img.sync().unwrap_err().errno(), 5);
+    ctl.recover();
+    // The failed sectors stay pending: a sync now makes them durable.
+    let (w, f) = (ctl.writes(), ctl.flushes());
+    img.sync().unwrap();
+    assert!(ctl.writes() > w && ctl.flushes() == f + 1);
+    assert!(!img.mark_dirty_nowait(MIB, 1).unwrap());
+    img.mark_dirty(0, 1).unwrap();
+    assert_eq!(ctl.flushes(), f + 1);
+    crash(img);
+    let img = Image::open_storage(
+        Box::new(MemoryStorage::new(s.contents())),
+        "after",
+        OpenOptions::read_write(),
+    )
+    .unwrap();
+    let e: Vec<_> = img.extents("a").unwrap().collect();
+    assert!(covers(&e, 0, 1) && covers(&e, MIB, 1), "{e:?}");
+}
+
+#[test]
+fn resize_is_refused_and_write_intent_needs_read_write() {
+    let bytes = base(GIB, 64 * KIB, &[("a", 64 * KIB)]);
+    let img = Image::open_storage(Box::new(MemoryStorage::new(bytes.clone())), "wi", wi()).unwrap();
+    assert_eq!(img.resize(2 * GIB).unwrap_err().errno(), 95);
+    let ro = OpenOptions {
+        write_intent: true,
+        ..OpenOptions::read_only()
+    };
+    let e = Image::open_storage(Box::new(MemoryStorage::new(bytes)), "ro", ro)
+        .err()
+        .unwrap();
+    assert_eq!(e.errno(), 22);
 }
 
 #[test]

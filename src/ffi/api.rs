@@ -416,7 +416,9 @@ pub extern "C" fn qbm_mark_dirty_nowait(img: *mut qbm_image, offset: u64, length
 /// Write-intent mode: makes every mark that `qbm_mark_dirty_nowait`
 /// reported as needing a sync (before this call) durable: one round of
 /// in-place writes and one flush, shared with concurrent calls. 0 on
-/// success (also outside write-intent mode), negative errno on failure.
+/// success (also outside write-intent mode), negative errno on failure;
+/// after a failure the marks stay pending and a later `qbm_sync` (or a
+/// blocking `qbm_mark_dirty`) tries them again.
 #[no_mangle]
 pub extern "C" fn qbm_sync(img: *mut qbm_image) -> c_int {
     run(|| handle(img)?.image.sync().map(|_| 0))

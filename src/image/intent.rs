@@ -342,12 +342,28 @@ impl Image {
             let items = std::mem::take(&mut c.pending);
             c.queued.clear();
             drop(c);
-            let result = self.run_round(&items);
+            // A panic must not leave the round open forever (every later
+            // mark would wait for it): it fails the round instead.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_round(&items)))
+                    .unwrap_or_else(|_| {
+                        Err(Error::io(
+                            format!("{}: internal error writing marks in place", self.name),
+                            std::io::Error::from_raw_os_error(libc::EIO),
+                        ))
+                    });
             c = self.commit_lock(intent)?;
             c.leader = false;
             c.finished = this;
             c.rounds += 1;
             if let Err(e) = result {
+                // The sectors stay pending: the next round (a later mark
+                // or `sync`) tries them again.
+                for (bm, sector) in items {
+                    if c.queued.insert((Arc::as_ptr(&bm) as usize, sector)) {
+                        c.pending.push((bm, sector));
+                    }
+                }
                 c.failed.push_back((this, e.errno(), e.to_string()));
                 if c.failed.len() > 64 {
                     c.failed.pop_front();
