@@ -292,6 +292,53 @@ fn resize_is_refused_and_write_intent_needs_read_write() {
     assert_eq!(e.errno(), 22);
 }
 
+/// Clears racing with marks: once every mark returned, the disk holds at
+/// least what memory holds (a mark that lands after a clear's read of a
+/// sector must not trust a shadow bit the clear's write removes). The marks
+/// stop as soon as the clear returns, so no later round repairs a loss.
+#[test]
+fn clears_racing_with_marks_lose_no_returned_mark() {
+    let bytes = base(GIB, 64 * KIB, &[("a", 64 * KIB)]);
+    let s = Counting::new(bytes, Duration::from_micros(100));
+    let img = Image::open_storage(Box::new(s.clone()), "wi", wi()).unwrap();
+    for round in 0..150u64 {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            for t in 0..3u64 {
+                let (img, stop) = (&img, &stop);
+                sc.spawn(move || {
+                    let mut rng = Rng::new(round * 10 + t + 1);
+                    while !stop.load(Ordering::Relaxed) {
+                        img.mark_dirty(rng.below(16) * 64 * KIB, 1).unwrap();
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+            if round % 2 == 0 {
+                img.clear_bitmap("a").unwrap();
+            } else {
+                img.reset_range("a", 0, 8 * 64 * KIB).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let mem: Vec<_> = img.extents("a").unwrap().collect();
+        let after = Image::open_storage(
+            Box::new(MemoryStorage::new(s.inner.contents())),
+            "after",
+            OpenOptions::read_only(),
+        )
+        .unwrap();
+        assert!(after.bitmap_info("a").unwrap().recovered);
+        let disk: Vec<_> = after.extents("a").unwrap().collect();
+        for &(o, l) in &mem {
+            assert!(
+                covers(&disk, o, l),
+                "round {round}: {o}+{l} in memory, not on disk"
+            );
+        }
+    }
+}
+
 #[test]
 fn record_too_large_for_cluster_0_is_refused_cleanly() {
     let bytes = base(GIB, 512, &[("a", 64 * KIB)]);

@@ -409,8 +409,21 @@ impl State {
             let TableEntry::Data(cluster) = table[(start / cs) as usize] else {
                 continue;
             };
+            let d = bm.durable().expect("in-place bitmaps have a shadow");
             let mut buf = vec![0u8; n];
             bm.read_serialized(start, &mut buf);
+            let mut held = vec![0u8; n];
+            d.read_serialized(start, &mut held);
+            if held.iter().zip(&buf).any(|(h, m)| h & !m != 0) {
+                // The sector loses bits (clear, reset): the shadow must stop
+                // claiming them before the bits are read, or a mark racing
+                // with this write could trust a bit the write removes. A
+                // mark that saw the shadow before this set its bit before
+                // the read below (both sides fence).
+                d.reset_bits(sector * SECTOR_BITS, SECTOR_BITS);
+                fence(Ordering::SeqCst);
+                bm.read_serialized(start, &mut buf);
+            }
             let at = cluster + start % cs;
             self.storage.write_at(&buf, at).map_err(|e| {
                 Error::io(
@@ -429,8 +442,8 @@ impl State {
         self.flush_storage()?;
         for (bm, sector, buf) in done {
             let d = bm.durable().expect("in-place bitmaps have a shadow");
-            // The shadow says exactly what the sector now holds.
-            d.reset_bits(sector * SECTOR_BITS, SECTOR_BITS);
+            // The shadow held a subset of `buf` (see above): now it says
+            // exactly what the sector holds.
             d.write_serialized(sector * SECTOR, &buf);
         }
         Ok(())
