@@ -18,7 +18,9 @@
 //!
 //! Invariants (the proof that a returned mark is on disk after a crash):
 //! - shadow ⊆ disk: a shadow sector is set only to bytes that were written
-//!   and flushed at the bitmap's current place, under the state lock;
+//!   and flushed at the bitmap's current place, under the state lock; a
+//!   sector whose write removes bits (clear, reset) is emptied in the
+//!   shadow before its bytes are read, so no mark trusts a removed bit;
 //! - a published bitmap never moves while in write-intent mode (its content
 //!   changes are written in place; only bitmaps nobody marks yet, at open or
 //!   add, are stored into new clusters, and their shadow is set after);
