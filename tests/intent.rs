@@ -508,6 +508,8 @@ fn crash_at_every_write_and_flush() {
         let mut rng = Rng::new(cs ^ g);
         // (op count when the mark returned, offset, length)
         let mut returned: Vec<(usize, u64, u64)> = Vec::new();
+        // Op counts when the clear of "a" started and returned.
+        let mut clear_ops = (usize::MAX, usize::MAX);
         for i in 0..40 {
             let off = rng.below(256 * MIB - 200_000);
             let len = rng.range(1, 200_000);
@@ -518,6 +520,11 @@ fn crash_at_every_write_and_flush() {
             }
             if i == 30 {
                 img.flush().unwrap();
+            }
+            if i == 34 {
+                clear_ops.0 = rec.ops().len();
+                img.clear_bitmap("a").unwrap();
+                clear_ops.1 = rec.ops().len();
             }
         }
         img.close().unwrap();
@@ -550,9 +557,24 @@ fn crash_at_every_write_and_flush() {
                 for b in img.bitmaps().unwrap() {
                     if b.recovered {
                         recovered += 1;
+                        // Never wrong data: nothing outside what was marked.
+                        let mut m = Model::new(256 * MIB, b.granularity);
+                        for r in &returned {
+                            m.mark(r.1, r.2);
+                        }
+                        let all = m.extents();
+                        for (o, l) in img.extents(&b.name).unwrap() {
+                            assert!(covers(&all, o, l), "{} holds {o}+{l}, never marked", b.name);
+                        }
                     }
                     let from = if b.name == "b" { b_added } else { 0 };
-                    let relevant: Vec<_> = must.iter().filter(|r| r.0 > from).collect();
+                    // Marks of "a" before its clear count only while the
+                    // clear has not started at the cut.
+                    let relevant: Vec<_> = must
+                        .iter()
+                        .filter(|r| r.0 > from)
+                        .filter(|r| b.name != "a" || r.0 > clear_ops.1 || at < clear_ops.0)
+                        .collect();
                     if relevant.is_empty() {
                         continue;
                     }
