@@ -6,6 +6,7 @@
  */
 #include "util.h"
 
+#include <pthread.h>
 #include <sys/types.h>
 
 #define SIZE (UINT64_C(64) << 20)
@@ -30,6 +31,40 @@ static void crash_in_write_intent_mode(const char *path)
     }
     expect(waitpid(pid, &status, 0) == pid);
     expect(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+/* Threads marking at once share rounds of writes and flushes. */
+struct marker {
+    struct qbm_image *img;
+    uint64_t first;
+};
+
+static void *mark_many(void *arg)
+{
+    struct marker *m = arg;
+    for (uint64_t i = 0; i < 100; i++)
+        ok(qbm_mark_dirty(m->img, (m->first + i * 4) * 65536, 4096));
+    return NULL;
+}
+
+static void threads_in_write_intent_mode(const char *path)
+{
+    struct qbm_image *img;
+    struct qbm_bitmap_info info;
+    pthread_t t[4];
+    struct marker m[4];
+    ok(qbm_open(path, QBM_OPEN_RDWR | QBM_OPEN_WRITE_INTENT, &img));
+    ok(qbm_bitmap_clear(img, "a"));
+    for (int i = 0; i < 4; i++) {
+        m[i].img = img;
+        m[i].first = (uint64_t)i;
+        expect(pthread_create(&t[i], NULL, mark_many, &m[i]) == 0);
+    }
+    for (int i = 0; i < 4; i++)
+        expect(pthread_join(t[i], NULL) == 0);
+    expect(find_bitmap(img, "a", &info));
+    expect_eq(info.dirty_bytes, 400 * 65536);
+    ok(qbm_close(img));
 }
 
 int main(void)
@@ -61,5 +96,7 @@ int main(void)
     expect(find_bitmap(img, "a", &info));
     expect_eq(info.flags, QBM_BITMAP_ENABLED);
     ok(qbm_close(img));
+
+    threads_in_write_intent_mode(path);
     return test_pass("intent", NULL);
 }
