@@ -501,13 +501,34 @@ fn plain_open_recovers_then_disowns_the_record() {
 fn crash_at_every_write_and_flush() {
     let mut images = 0usize;
     let mut recovered = 0usize;
-    for (cs, g) in [(512u64, 512u64), (64 * KIB, 64 * KIB), (512, 64 * KIB)] {
-        let bytes = base(256 * MIB, cs, &[("a", g)]);
-        let rec = RecordingStorage::new(bytes);
-        let img = Image::open_storage(Box::new(rec.clone()), "wi", wi()).unwrap();
-        let mut rng = Rng::new(cs ^ g);
+    // The last two start from an image a crashed write-intent session left:
+    // the recording session's open recovers it and moves it in place.
+    for (cs, g, precrash) in [
+        (512u64, 512u64, false),
+        (64 * KIB, 64 * KIB, false),
+        (512, 64 * KIB, false),
+        (64 * KIB, 4 * KIB, true),
+        (512, 512, true),
+    ] {
+        let mut bytes = base(256 * MIB, cs, &[("a", g)]);
         // (op count when the mark returned, offset, length)
         let mut returned: Vec<(usize, u64, u64)> = Vec::new();
+        if precrash {
+            let s = Counting::new(bytes, Duration::ZERO);
+            let img = Image::open_storage(Box::new(s.clone()), "pre", wi()).unwrap();
+            for i in 0..5 {
+                img.mark_dirty(i * 50 * MIB + 12345, 70_000).unwrap();
+                returned.push((0, i * 50 * MIB + 12345, 70_000));
+            }
+            crash(img);
+            bytes = s.inner.contents();
+        }
+        let rec = RecordingStorage::new(bytes);
+        let img = Image::open_storage(Box::new(rec.clone()), "wi", wi()).unwrap();
+        if precrash {
+            assert!(img.bitmap_info("a").unwrap().recovered);
+        }
+        let mut rng = Rng::new(cs ^ g);
         // Op counts when the clear of "a" started and returned.
         let mut clear_ops = (usize::MAX, usize::MAX);
         for i in 0..40 {
@@ -536,7 +557,7 @@ fn crash_at_every_write_and_flush() {
             .filter(|(_, o)| matches!(o, Op::Write { .. }))
             .map(|(i, _)| i)
             .collect();
-        let b_added = returned[21].0;
+        let b_added = returned[returned.len() - 40 + 21].0;
         for_each_cut(rec.initial(), &ops, |cut| {
             let at = write_at[cut.n - 1];
             let must: Vec<_> = returned.iter().filter(|r| r.0 <= at).collect();
