@@ -36,8 +36,8 @@ use crate::format::bitmap_dir::DirEntry;
 use crate::format::bitmap_table::TableEntry;
 use crate::format::extension::{BitmapsExtension, Extension};
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{fence, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Header extension magic of the write-intent record ("qbmW").
 pub const RECORD_MAGIC: u32 = 0x7162_6d57;
@@ -150,10 +150,44 @@ pub(crate) fn fully_allocated(table: &[TableEntry]) -> bool {
 }
 
 /// Per-image write-intent state: the group commit.
+///
+/// Waiters sleep on `finished_rounds` with a futex rather than a Condvar:
+/// std's Condvar re-takes the mutex inside precompiled code that
+/// ThreadSanitizer (make check-tsan) cannot see, which it reports as races;
+/// an atomic it can see plus a futex gives the same wake-up.
 #[derive(Default)]
 pub(crate) struct Intent {
     commit: Mutex<Commit>,
-    done: Condvar,
+    /// Bumped (under `commit`) each time a round ends.
+    finished_rounds: AtomicU32,
+}
+
+/// Sleeps while `word` holds `value` (or until woken; may wake spuriously).
+fn futex_wait(word: &AtomicU32, value: u32) {
+    // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word`, which lives
+    // for the call; a timeout of NULL waits until woken.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            value,
+            std::ptr::null::<libc::timespec>(),
+        );
+    }
+}
+
+/// Wakes every thread sleeping on `word`.
+fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE only uses the address of `word` as a key.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        );
+    }
 }
 
 #[derive(Default)]
@@ -330,12 +364,12 @@ impl Image {
                 };
             }
             if c.leader {
-                c = intent.done.wait(c).map_err(|_| {
-                    Error::io(
-                        format!("{}: write-intent wait failed", self.name),
-                        std::io::Error::from_raw_os_error(libc::EIO),
-                    )
-                })?;
+                // Read under the lock: the leader bumps it under the lock
+                // once the round ends, so a wake-up cannot be missed.
+                let seen = intent.finished_rounds.load(Ordering::Acquire);
+                drop(c);
+                futex_wait(&intent.finished_rounds, seen);
+                c = self.commit_lock(intent)?;
                 continue;
             }
             c.leader = true;
@@ -371,7 +405,8 @@ impl Image {
                     c.failed.pop_front();
                 }
             }
-            intent.done.notify_all();
+            intent.finished_rounds.fetch_add(1, Ordering::Release);
+            futex_wake_all(&intent.finished_rounds);
         }
     }
 
