@@ -35,9 +35,10 @@ use crate::error::{Error, Result};
 use crate::format::bitmap_dir::DirEntry;
 use crate::format::bitmap_table::TableEntry;
 use crate::format::extension::{BitmapsExtension, Extension};
+use std::cell::UnsafeCell;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{fence, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Header extension magic of the write-intent record ("qbmW").
 pub const RECORD_MAGIC: u32 = 0x7162_6d57;
@@ -151,15 +152,69 @@ pub(crate) fn fully_allocated(table: &[TableEntry]) -> bool {
 
 /// Per-image write-intent state: the group commit.
 ///
-/// Waiters sleep on `finished_rounds` with a futex rather than a Condvar:
-/// std's Condvar re-takes the mutex inside precompiled code that
-/// ThreadSanitizer (make check-tsan) cannot see, which it reports as races;
-/// an atomic it can see plus a futex gives the same wake-up.
+/// Built on atomics and futexes rather than std's Mutex and Condvar: their
+/// contended paths run in precompiled std code that ThreadSanitizer (make
+/// check-tsan) does not see, so it reported the commit state as racing.
 #[derive(Default)]
 pub(crate) struct Intent {
-    commit: Mutex<Commit>,
+    commit: CommitLock,
     /// Bumped (under `commit`) each time a round ends.
     finished_rounds: AtomicU32,
+}
+
+/// A futex mutex (0 free, 1 locked, 2 locked with sleepers) over `Commit`.
+#[derive(Default)]
+struct CommitLock {
+    word: AtomicU32,
+    cell: UnsafeCell<Commit>,
+}
+
+// SAFETY: `cell` is only reached through a `CommitGuard`, which exists only
+// while `word` is held (acquired with Acquire, released with Release).
+unsafe impl Sync for CommitLock {}
+// A panic while the lock is held releases it (the guard drops) and leaves
+// `Commit` valid: at worst a round is counted as failed (see `wait_round`).
+impl std::panic::RefUnwindSafe for CommitLock {}
+
+struct CommitGuard<'a>(&'a CommitLock);
+
+impl CommitLock {
+    fn lock(&self) -> CommitGuard<'_> {
+        if self
+            .word
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            while self.word.swap(2, Ordering::Acquire) != 0 {
+                futex_wait(&self.word, 2);
+            }
+        }
+        CommitGuard(self)
+    }
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.word.swap(0, Ordering::Release) == 2 {
+            futex_wake(&self.0.word, 1);
+        }
+    }
+}
+
+impl std::ops::Deref for CommitGuard<'_> {
+    type Target = Commit;
+    fn deref(&self) -> &Commit {
+        // SAFETY: the guard holds the lock (see `CommitLock`).
+        unsafe { &*self.0.cell.get() }
+    }
+}
+
+impl std::ops::DerefMut for CommitGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Commit {
+        // SAFETY: the guard holds the lock, and `&mut self` makes this the
+        // only reference through it.
+        unsafe { &mut *self.0.cell.get() }
+    }
 }
 
 /// Sleeps while `word` holds `value` (or until woken; may wake spuriously).
@@ -177,15 +232,15 @@ fn futex_wait(word: &AtomicU32, value: u32) {
     }
 }
 
-/// Wakes every thread sleeping on `word`.
-fn futex_wake_all(word: &AtomicU32) {
+/// Wakes up to `n` threads sleeping on `word`.
+fn futex_wake(word: &AtomicU32, n: i32) {
     // SAFETY: FUTEX_WAKE only uses the address of `word` as a key.
     unsafe {
         libc::syscall(
             libc::SYS_futex,
             word.as_ptr(),
             libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            i32::MAX,
+            n,
         );
     }
 }
@@ -326,7 +381,7 @@ impl Image {
     pub fn intent_stats(&self) -> IntentStats {
         match &self.intent {
             Some(i) => IntentStats {
-                rounds: i.commit.lock().map_or(0, |c| c.rounds),
+                rounds: i.commit.lock().rounds,
             },
             None => IntentStats::default(),
         }
@@ -337,16 +392,8 @@ impl Image {
         self.intent.is_some()
     }
 
-    fn commit_lock<'a>(&self, intent: &'a Intent) -> Result<std::sync::MutexGuard<'a, Commit>> {
-        intent.commit.lock().map_err(|_| {
-            Error::io(
-                format!(
-                    "{}: write-intent state unusable after an internal error",
-                    self.name
-                ),
-                std::io::Error::from_raw_os_error(libc::EIO),
-            )
-        })
+    fn commit_lock<'a>(&self, intent: &'a Intent) -> Result<CommitGuard<'a>> {
+        Ok(intent.commit.lock())
     }
 
     /// Waits until round `round` is finished, leading rounds while no one
@@ -406,7 +453,7 @@ impl Image {
                 }
             }
             intent.finished_rounds.fetch_add(1, Ordering::Release);
-            futex_wake_all(&intent.finished_rounds);
+            futex_wake(&intent.finished_rounds, i32::MAX);
         }
     }
 
