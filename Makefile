@@ -99,7 +99,7 @@ check-stress: lib $(OUT)/c-tests/stress
 HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 TSAN_RT     := $(firstword $(wildcard $(shell rustc --print sysroot 2>/dev/null)/lib/rustlib/$(HOST_TRIPLE)/lib/librustc-*_rt.tsan.a))
 TSAN_SECONDS ?= 10
-TSAN_TESTS  := stress threads
+TSAN_TESTS  := stress threads intent
 
 check-tsan:
 	@test -n "$(TSAN_RT)" || { echo "check-tsan: no TSan runtime (librustc-*_rt.tsan.a) in the Rust toolchain"; exit 1; }
@@ -180,7 +180,7 @@ clean:
 
 # make bench: issue 5's figures against QEMU's tools and bare-C limits,
 # measured in the same run; prints one table, writes bench-results.json.
-BENCH_BINS := $(OUT)/bench/mark $(OUT)/bench/lib
+BENCH_BINS := $(OUT)/bench/mark $(OUT)/bench/lib $(OUT)/bench/intent
 
 $(OUT)/bench/%: benches/%.c include/qbm.h lib
 	@mkdir -p $(dir $@)

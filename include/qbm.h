@@ -36,6 +36,15 @@
 #define QBM_OPEN_FORCE_SHARE (1 << 1)
 
 /**
+ * `qbm_open` flag (with `QBM_OPEN_RDWR`): write-intent mode. A
+ * `qbm_mark_dirty` that sets bits not yet durable on disk returns once they
+ * are (concurrent marks share one write and flush), so that the bitmaps
+ * survive a crash of the process: the next read-write open recovers them
+ * (`QBM_BITMAP_RECOVERED`). See `qbm_mark_dirty_nowait` and `qbm_sync`.
+ */
+#define QBM_OPEN_WRITE_INTENT (1 << 2)
+
+/**
  * `qbm_bitmap_add` flag: the new bitmap starts disabled (not marked by writes).
  */
 #define QBM_BITMAP_DISABLED (1 << 0)
@@ -55,6 +64,13 @@
  * understand; it is preserved but cannot be used or changed.
  */
 #define QBM_BITMAP_UNSUPPORTED (1 << 2)
+
+/**
+ * `qbm_bitmap_info.flags`: found in use at open but recovered: it was in
+ * write-intent mode when its last user stopped, and nothing else wrote the
+ * image since. Its bits hold every mark that returned; it is usable.
+ */
+#define QBM_BITMAP_RECOVERED (1 << 3)
 
 /**
  * `qbm_check` flag: lower the refcount of leaked clusters (read-write images).
@@ -255,7 +271,10 @@ const char *qbm_last_error(void);
 /**
  * Opens the qcow2 image at `path`. `flags`: `QBM_OPEN_RDWR` for read-write
  * (bitmaps are then marked in_use on disk until close), 0 for read-only;
- * `QBM_OPEN_FORCE_SHARE` reads without QEMU's locks (read-only only).
+ * `QBM_OPEN_FORCE_SHARE` reads without QEMU's locks (read-only only);
+ * `QBM_OPEN_WRITE_INTENT` (with `QBM_OPEN_RDWR`) makes marks durable so
+ * that the bitmaps survive a crash. Any read-write open recovers bitmaps a
+ * crashed write-intent session left (`QBM_BITMAP_RECOVERED`).
  * Takes the same image locks as QEMU: -EBUSY while another process (a VM,
  * qemu-img) holds the image in a conflicting way.
  * On success stores the handle in `*img`.
@@ -369,6 +388,9 @@ int qbm_bitmap_reset(struct qbm_image *img, const char *name, uint64_t offset, u
  * Marks `[offset, offset+length)` dirty in every enabled bitmap. Lock-free:
  * call it from any number of threads, on every guest write.
  *
+ * In write-intent mode (`QBM_OPEN_WRITE_INTENT`) it returns 0 only once
+ * the marked bits are durable on disk (without I/O or locks when they
+ * already are); it then blocks and may fail with an I/O error.
  * When it returns 0 the range is marked in every bitmap that was enabled
  * for the whole call: the extent calls see it, and a `qbm_flush` called
  * after the return stores it (see `qbm_flush`). A bitmap added, removed,
@@ -379,6 +401,24 @@ int qbm_bitmap_reset(struct qbm_image *img, const char *name, uint64_t offset, u
  * call that was running when `qbm_bitmap_add(new)` returned has returned.
  */
 int qbm_mark_dirty(struct qbm_image *img, uint64_t offset, uint64_t length);
+
+/**
+ * Write-intent mode, for event-loop VMMs: marks like `qbm_mark_dirty` but
+ * never waits. Returns 0 when the marked bits are already durable (or the
+ * image is not in write-intent mode), 1 when they are not yet: call
+ * `qbm_sync` before submitting the guest write. Negative errno on failure.
+ */
+int qbm_mark_dirty_nowait(struct qbm_image *img, uint64_t offset, uint64_t length);
+
+/**
+ * Write-intent mode: makes every mark that `qbm_mark_dirty_nowait`
+ * reported as needing a sync (before this call) durable: one round of
+ * in-place writes and one flush, shared with concurrent calls. 0 on
+ * success (also outside write-intent mode), negative errno on failure;
+ * after a failure the marks stay pending and a later `qbm_sync` (or a
+ * blocking `qbm_mark_dirty`) tries them again.
+ */
+int qbm_sync(struct qbm_image *img);
 
 /**
  * Stores the number of dirty bytes of a bitmap in `*bytes`.

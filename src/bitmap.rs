@@ -98,6 +98,10 @@ pub struct DirtyBitmap {
     /// (through a list published before the replacement) go on to the new
     /// one too, so none is lost however late it lands.
     successor: OnceLock<Arc<DirtyBitmap>>,
+    /// Write-intent mode (image/intent.rs): the bits known to be on disk
+    /// where the bitmap lives now. Set once, when the bitmap is first
+    /// stored in place; the marking path reads it without a lock.
+    durable: OnceLock<Arc<DirtyBitmap>>,
 }
 
 // SAFETY: `base` points into `map`, which the bitmap owns and which is only
@@ -179,6 +183,7 @@ impl DirtyBitmap {
             bit_count,
             state: AtomicU8::new(0),
             successor: OnceLock::new(),
+            durable: OnceLock::new(),
         })
     }
 
@@ -192,6 +197,17 @@ impl DirtyBitmap {
         // markers' bit update followed by their (SeqCst) load of `state`.
         self.state.fetch_or(FORWARD, SeqCst);
         std::sync::atomic::fence(SeqCst);
+    }
+
+    /// The write-intent shadow of this bitmap (see `durable`), if any.
+    #[inline]
+    pub fn durable(&self) -> Option<&Arc<DirtyBitmap>> {
+        self.durable.get()
+    }
+
+    /// Attaches the write-intent shadow; false if one is already attached.
+    pub fn set_durable(&self, shadow: Arc<DirtyBitmap>) -> bool {
+        self.durable.set(shadow).is_ok()
     }
 
     #[inline]

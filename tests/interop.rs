@@ -2461,6 +2461,7 @@ fn t16_locking_with_qemu() {
                 OpenOptions {
                     writable: false,
                     force_share: true,
+                    write_intent: false,
                 },
             )
             .unwrap();

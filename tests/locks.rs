@@ -70,6 +70,7 @@ fn storage_daemon_and_tools_see_our_locks_and_we_see_theirs() {
             OpenOptions {
                 writable: false,
                 force_share: true,
+                ..Default::default()
             },
         )
     };

@@ -61,6 +61,8 @@ __all__ = [
     "VERSION_PATCH",
     "OPEN_RDWR",
     "OPEN_FORCE_SHARE",
+    "OPEN_WRITE_INTENT",
+    "BITMAP_RECOVERED",
     "BITMAP_DISABLED",
     "BITMAP_ENABLED",
     "BITMAP_IN_USE",
@@ -89,6 +91,8 @@ VERSION_PATCH = 0
 OPEN_RDWR = 1 << 0
 #: ``qbm_open`` flag: read without image locks (like ``qemu-img -U``).
 OPEN_FORCE_SHARE = 1 << 1
+#: ``qbm_open`` flag: write-intent mode (marks durable; bitmaps survive a crash).
+OPEN_WRITE_INTENT = 1 << 2
 #: ``qbm_bitmap_add`` flag: the new bitmap starts disabled.
 BITMAP_DISABLED = 1 << 0
 #: ``qbm_bitmap_info.flags``: marked by every write.
@@ -97,6 +101,8 @@ BITMAP_ENABLED = 1 << 0
 BITMAP_IN_USE = 1 << 1
 #: ``qbm_bitmap_info.flags``: carries extra data this version does not understand.
 BITMAP_UNSUPPORTED = 1 << 2
+#: ``qbm_bitmap_info.flags``: found in use at open but recovered (write-intent).
+BITMAP_RECOVERED = 1 << 3
 #: ``qbm_image_info.flags``: the image is open read-write.
 IMAGE_WRITABLE = 1 << 0
 #: ``qbm_check`` flag: lower the refcount of leaked clusters.
@@ -250,6 +256,8 @@ _PROTOTYPES = {
     "qbm_bitmap_set": (_int, [_HandleP, _str, _u64, _u64]),
     "qbm_bitmap_reset": (_int, [_HandleP, _str, _u64, _u64]),
     "qbm_mark_dirty": (_int, [_HandleP, _u64, _u64]),
+    "qbm_mark_dirty_nowait": (_int, [_HandleP, _u64, _u64]),
+    "qbm_sync": (_int, [_HandleP]),
     "qbm_bitmap_dirty_bytes": (_int, [_HandleP, _str, _u64p]),
     "qbm_bitmap_next_extent": (_int, [_HandleP, _str, _u64, _u64p, _u64p]),
     "qbm_check": (_int, [_HandleP, _u32, ctypes.POINTER(_CheckResult)]),
@@ -455,6 +463,9 @@ class BitmapInfo:
     extra_data_size: int
     #: Dirty bytes (0 unless the bitmap is usable).
     dirty_bytes: int
+    #: Found in use at open but recovered: it was in write-intent mode when
+    #: its last user crashed, and nothing wrote the image since.
+    recovered: bool = False
 
 
 @dataclass(frozen=True)
@@ -511,17 +522,30 @@ class Image:
     # -- construction and lifetime -------------------------------------
 
     @classmethod
-    def open(cls, path: StrPath, writable: bool = False, force_share: bool = False) -> "Image":
+    def open(
+        cls,
+        path: StrPath,
+        writable: bool = False,
+        force_share: bool = False,
+        write_intent: bool = False,
+    ) -> "Image":
         """Opens the qcow2 image at ``path``, read-only unless ``writable``.
 
         Opened read-write, its bitmaps are flagged in_use on disk until
         :meth:`close`, as QEMU does. The image is locked as QEMU locks it
         (:class:`Busy` while a VM or qemu-img holds it); ``force_share``
         reads without locks, like ``qemu-img -U`` (read-only only).
+        ``write_intent`` (with ``writable``): :meth:`mark_dirty` returns once
+        the marked bits are durable, so the bitmaps survive a crash of this
+        process (the next read-write open recovers them).
         """
         p = _path(path)
         h = _HandleP()
-        flags = (OPEN_RDWR if writable else 0) | (OPEN_FORCE_SHARE if force_share else 0)
+        flags = (
+            (OPEN_RDWR if writable else 0)
+            | (OPEN_FORCE_SHARE if force_share else 0)
+            | (OPEN_WRITE_INTENT if write_intent else 0)
+        )
         _check(lib.qbm_open(p, flags, ctypes.byref(h)), "qbm_open")
         return cls(h, path)
 
@@ -687,6 +711,7 @@ class Image:
                     unsupported=bool(b.flags & BITMAP_UNSUPPORTED),
                     extra_data_size=b.extra_data_size,
                     dirty_bytes=b.dirty_bytes,
+                    recovered=bool(b.flags & BITMAP_RECOVERED),
                 )
             )
         return out
@@ -791,6 +816,17 @@ class Image:
         h = self._handle()
         o, n = _uint(offset, "offset"), _uint(length, "length")
         _check(lib.qbm_mark_dirty(h, o, n), "qbm_mark_dirty")
+
+    def mark_dirty_nowait(self, offset: int, length: int) -> bool:
+        """Write-intent mode: marks without waiting; True when :meth:`sync`
+        must run before the marked bits are durable."""
+        h = self._handle()
+        o, n = _uint(offset, "offset"), _uint(length, "length")
+        return bool(_check(lib.qbm_mark_dirty_nowait(h, o, n), "qbm_mark_dirty_nowait"))
+
+    def sync(self) -> None:
+        """Write-intent mode: makes every mark that needed a sync durable."""
+        _check(lib.qbm_sync(self._handle()), "qbm_sync")
 
     def dirty_bytes(self, name: Name) -> int:
         """The number of dirty bytes of a bitmap."""

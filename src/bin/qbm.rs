@@ -19,6 +19,11 @@ struct Cli {
     /// Open without QEMU's image locks, like `qemu-img -U` (read-only commands).
     #[arg(short = 'U', long, global = true)]
     force_share: bool,
+    /// Open read-write images in write-intent mode (changes are made durable
+    /// in place at once; the bitmaps survive a crash). Any read-write open
+    /// recovers bitmaps a crashed write-intent session left.
+    #[arg(long, global = true)]
+    write_intent: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -183,10 +188,13 @@ fn open(path: &str, writable: bool) -> Result<Image, Error> {
         OpenOptions {
             writable,
             force_share,
+            write_intent: writable && WRITE_INTENT.load(std::sync::atomic::Ordering::Relaxed),
         },
     )
 }
 
+/// Set once from the command line before any image is opened.
+static WRITE_INTENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Set once from the command line before any image is opened.
 static FORCE_SHARE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -225,6 +233,7 @@ fn bitmap_json(b: &BitmapInfo) -> serde_json::Value {
         "enabled": b.enabled,
         "in-use": b.in_use,
         "usable": b.usable,
+        "recovered": b.recovered,
         "dirty-bytes": b.dirty_bytes,
         "extra-data-size": b.extra_data.len(),
         "extra-data": b.extra_data.iter().map(|x| format!("{x:02x}")).collect::<String>(),
@@ -281,6 +290,9 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
     );
     for b in bitmaps {
         let mut flags = vec![if b.enabled { "enabled" } else { "disabled" }];
+        if b.recovered {
+            flags.push("recovered");
+        }
         if b.in_use {
             flags.push("in-use");
         } else if !b.usable {
@@ -298,6 +310,7 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
 
 fn run(cli: Cli) -> Result<ExitCode, Error> {
     FORCE_SHARE.store(cli.force_share, std::sync::atomic::Ordering::Relaxed);
+    WRITE_INTENT.store(cli.write_intent, std::sync::atomic::Ordering::Relaxed);
     let done: Result<(), Error> = match cli.command {
         Command::Create {
             cluster_size,

@@ -55,7 +55,10 @@ fn check_out_handle(out_img: *mut *mut qbm_image) -> Result<(), Error> {
 
 /// Opens the qcow2 image at `path`. `flags`: `QBM_OPEN_RDWR` for read-write
 /// (bitmaps are then marked in_use on disk until close), 0 for read-only;
-/// `QBM_OPEN_FORCE_SHARE` reads without QEMU's locks (read-only only).
+/// `QBM_OPEN_FORCE_SHARE` reads without QEMU's locks (read-only only);
+/// `QBM_OPEN_WRITE_INTENT` (with `QBM_OPEN_RDWR`) makes marks durable so
+/// that the bitmaps survive a crash. Any read-write open recovers bitmaps a
+/// crashed write-intent session left (`QBM_BITMAP_RECOVERED`).
 /// Takes the same image locks as QEMU: -EBUSY while another process (a VM,
 /// qemu-img) holds the image in a conflicting way.
 /// On success stores the handle in `*img`.
@@ -64,7 +67,7 @@ pub extern "C" fn qbm_open(path: *const c_char, flags: u32, img: *mut *mut qbm_i
     run(|| {
         let path = string(path, "path")?;
         check_out_handle(img)?;
-        let known = QBM_OPEN_RDWR | QBM_OPEN_FORCE_SHARE;
+        let known = QBM_OPEN_RDWR | QBM_OPEN_FORCE_SHARE | QBM_OPEN_WRITE_INTENT;
         if flags & !known != 0 {
             return Err(Error::InvalidArgument(format!(
                 "{path}: unknown open flags {:#x}",
@@ -74,6 +77,7 @@ pub extern "C" fn qbm_open(path: *const c_char, flags: u32, img: *mut *mut qbm_i
         let options = OpenOptions {
             writable: flags & QBM_OPEN_RDWR != 0,
             force_share: flags & QBM_OPEN_FORCE_SHARE != 0,
+            write_intent: flags & QBM_OPEN_WRITE_INTENT != 0,
         };
         let image = Image::open(path, options)?;
         store_handle(img, image)
@@ -214,6 +218,9 @@ pub extern "C" fn qbm_bitmap_get_info(
         }
         if !b.usable && !b.in_use {
             flags |= QBM_BITMAP_UNSUPPORTED;
+        }
+        if b.recovered {
+            flags |= QBM_BITMAP_RECOVERED;
         }
         write_sized(
             info,
@@ -367,6 +374,9 @@ pub extern "C" fn qbm_bitmap_reset(
 /// Marks `[offset, offset+length)` dirty in every enabled bitmap. Lock-free:
 /// call it from any number of threads, on every guest write.
 ///
+/// In write-intent mode (`QBM_OPEN_WRITE_INTENT`) it returns 0 only once
+/// the marked bits are durable on disk (without I/O or locks when they
+/// already are); it then blocks and may fail with an I/O error.
 /// When it returns 0 the range is marked in every bitmap that was enabled
 /// for the whole call: the extent calls see it, and a `qbm_flush` called
 /// after the return stores it (see `qbm_flush`). A bitmap added, removed,
@@ -385,6 +395,31 @@ pub extern "C" fn qbm_mark_dirty(img: *mut qbm_image, offset: u64, length: u64) 
         return 0;
     }
     mark_dirty_slow(img, offset, length)
+}
+
+/// Write-intent mode, for event-loop VMMs: marks like `qbm_mark_dirty` but
+/// never waits. Returns 0 when the marked bits are already durable (or the
+/// image is not in write-intent mode), 1 when they are not yet: call
+/// `qbm_sync` before submitting the guest write. Negative errno on failure.
+#[no_mangle]
+pub extern "C" fn qbm_mark_dirty_nowait(img: *mut qbm_image, offset: u64, length: u64) -> c_int {
+    run(|| {
+        handle(img)?
+            .image
+            .mark_dirty_nowait(offset, length)
+            .map(c_int::from)
+    })
+}
+
+/// Write-intent mode: makes every mark that `qbm_mark_dirty_nowait`
+/// reported as needing a sync (before this call) durable: one round of
+/// in-place writes and one flush, shared with concurrent calls. 0 on
+/// success (also outside write-intent mode), negative errno on failure;
+/// after a failure the marks stay pending and a later `qbm_sync` (or a
+/// blocking `qbm_mark_dirty`) tries them again.
+#[no_mangle]
+pub extern "C" fn qbm_sync(img: *mut qbm_image) -> c_int {
+    run(|| handle(img)?.image.sync().map(|_| 0))
 }
 
 #[cold]

@@ -13,6 +13,12 @@ pub const QBM_OPEN_RDWR: u32 = 1 << 0;
 /// `qbm_open` flag: read without taking QEMU's image locks, like `qemu-img -U`
 /// (read-only opens only; the image may change underneath).
 pub const QBM_OPEN_FORCE_SHARE: u32 = 1 << 1;
+/// `qbm_open` flag (with `QBM_OPEN_RDWR`): write-intent mode. A
+/// `qbm_mark_dirty` that sets bits not yet durable on disk returns once they
+/// are (concurrent marks share one write and flush), so that the bitmaps
+/// survive a crash of the process: the next read-write open recovers them
+/// (`QBM_BITMAP_RECOVERED`). See `qbm_mark_dirty_nowait` and `qbm_sync`.
+pub const QBM_OPEN_WRITE_INTENT: u32 = 1 << 2;
 
 /// `qbm_bitmap_add` flag: the new bitmap starts disabled (not marked by writes).
 pub const QBM_BITMAP_DISABLED: u32 = 1 << 0;
@@ -24,6 +30,10 @@ pub const QBM_BITMAP_IN_USE: u32 = 1 << 1;
 /// `qbm_bitmap_info.flags`: carries extra data this version does not
 /// understand; it is preserved but cannot be used or changed.
 pub const QBM_BITMAP_UNSUPPORTED: u32 = 1 << 2;
+/// `qbm_bitmap_info.flags`: found in use at open but recovered: it was in
+/// write-intent mode when its last user stopped, and nothing else wrote the
+/// image since. Its bits hold every mark that returned; it is usable.
+pub const QBM_BITMAP_RECOVERED: u32 = 1 << 3;
 
 /// `qbm_check` flag: lower the refcount of leaked clusters (read-write images).
 pub const QBM_CHECK_REPAIR_LEAKS: u32 = 1 << 0;

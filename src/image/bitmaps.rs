@@ -38,6 +38,10 @@ pub struct BitmapInfo {
     pub dirty_bytes: u64,
     /// Extra data from the directory entry, kept byte for byte.
     pub extra_data: Vec<u8>,
+    /// Found in_use but recovered at open: it was in write-intent mode when
+    /// the program that had it open stopped, and nothing wrote the image
+    /// since (docs/write-intent.md). Its bits hold every returned mark.
+    pub recovered: bool,
 }
 
 /// One bitmap of the image, loaded or not.
@@ -48,7 +52,9 @@ pub(crate) struct Slot {
     /// The bits; `None` when the bitmap is inconsistent or untouchable.
     pub(super) data: Option<Arc<DirtyBitmap>>,
     /// The entries of the stored table, once known.
-    table: Option<Vec<TableEntry>>,
+    pub(super) table: Option<Vec<TableEntry>>,
+    /// Loaded from an in_use entry by write-intent recovery.
+    recovered: bool,
 }
 
 impl Slot {
@@ -65,6 +71,7 @@ impl Slot {
             usable: self.usable(),
             dirty_bytes: self.data.as_ref().map_or(0, |d| d.dirty_bytes()),
             extra_data: self.entry.extra_data.clone(),
+            recovered: self.recovered,
         }
     }
 
@@ -144,8 +151,16 @@ impl State {
         // The tables of bitmaps that will be loaded, and on read-write opens
         // every table: removing a bitmap frees what its table names.
         let mut tables = Vec::with_capacity(entries.len());
+        let mut recovered = Vec::with_capacity(entries.len());
+        let recoverable =
+            super::intent::recoverable(self.header.autoclear_features, &self.extensions, &ext);
         for (b, entry) in entries.iter().enumerate() {
-            let loadable = !entry.in_use() && !entry.has_incompatible_extra_data();
+            // Write-intent recovery: an in_use bitmap the intact record names,
+            // stored in place (every table entry a data cluster).
+            let recover = entry.in_use()
+                && !entry.has_incompatible_extra_data()
+                && recoverable.contains(&(entry.table_offset, entry.table_size));
+            let loadable = !entry.has_incompatible_extra_data() && (!entry.in_use() || recover);
             let table = if loadable || writable {
                 let table = self.read_table(entry)?;
                 for (i, t) in table.iter().enumerate() {
@@ -157,6 +172,9 @@ impl State {
             } else {
                 None
             };
+            let recover = recover && table.as_deref().is_some_and(super::intent::fully_allocated);
+            let loadable = loadable && (!entry.in_use() || recover);
+            recovered.push(recover);
             layout.add(
                 entry.table_offset,
                 u64::from(entry.table_size) * 8,
@@ -168,12 +186,17 @@ impl State {
         self.check_layout(layout, &names, writable)?;
         drop(names);
         self.directory = Some((ext.directory_offset, ext.directory_size));
-        for (entry, table) in entries.into_iter().zip(tables) {
+        for ((entry, table), recovered) in entries.into_iter().zip(tables).zip(recovered) {
             let (data, table) = match table {
                 Some(table) => (Some(Arc::new(self.load_data(&entry, &table)?)), Some(table)),
                 None => (None, None),
             };
-            self.slots.push(Slot { entry, data, table });
+            self.slots.push(Slot {
+                entry,
+                data,
+                table,
+                recovered,
+            });
         }
         Ok(())
     }
@@ -259,6 +282,9 @@ impl State {
     /// Stores what changed. `closing` clears in_use on the stored bitmaps;
     /// otherwise they stay flagged, because marks keep arriving.
     pub(crate) fn persist(&mut self, closing: bool) -> Result<()> {
+        if self.intent && !closing {
+            return self.persist_intent();
+        }
         let want_in_use = !closing;
         let flags_change = self
             .slots
@@ -289,13 +315,18 @@ impl State {
         result
     }
 
-    fn store_and_commit(&mut self, changed: &[usize], want_in_use: bool) -> Result<()> {
-        // 1. Data and tables of changed bitmaps, into fresh clusters.
+    pub(super) fn store_and_commit(&mut self, changed: &[usize], want_in_use: bool) -> Result<()> {
+        // 1. Data and tables of changed bitmaps, into fresh clusters (fully
+        // allocated in write-intent mode, for in-place writes).
+        let full = self.intent && want_in_use;
+        let in_place: Vec<bool> = (0..self.slots.len())
+            .map(|i| full && (changed.contains(&i) || self.slots[i].in_place_table().is_some()))
+            .collect();
         let mut entries: Vec<DirEntry> = self.slots.iter().map(|s| s.entry.clone()).collect();
         let mut new_tables = Vec::with_capacity(changed.len());
         for &i in changed {
             let data = self.slots[i].data.clone().expect("usable");
-            let (offset, table) = self.store_data(&entries[i].name, &data)?;
+            let (offset, table) = self.store_data(&entries[i].name, &data, full)?;
             entries[i].table_offset = offset;
             entries[i].table_size = table.len() as u32;
             new_tables.push((i, table));
@@ -326,8 +357,17 @@ impl State {
             Some((offset, size, entries.len() as u32))
         };
 
-        // 3. Cluster 0 names the new directory.
-        let (exts, autoclear) = self.bitmaps_extensions(new_dir);
+        // 3. Cluster 0 names the new directory (and, in write-intent mode,
+        // the record of the bitmaps stored in place; its bit set last).
+        let (mut exts, mut autoclear) = self.bitmaps_extensions(new_dir);
+        self.intent_record(
+            &mut exts,
+            &mut autoclear,
+            new_dir,
+            &entries,
+            &in_place,
+            want_in_use,
+        );
         self.commit_cluster0(exts, autoclear)?;
 
         // 4. The new directory is durable: what only the old one named is garbage.
@@ -369,7 +409,7 @@ impl State {
 
     /// The extension list and autoclear bits with the bitmaps extension set
     /// to `dir` (offset, size, count), or removed when `None`.
-    fn bitmaps_extensions(&self, dir: Option<(u64, u64, u32)>) -> (Vec<Extension>, u64) {
+    pub(super) fn bitmaps_extensions(&self, dir: Option<(u64, u64, u32)>) -> (Vec<Extension>, u64) {
         let mut exts = self.extensions.clone();
         let pos = exts.iter().position(|e| e.magic == extension::BITMAPS);
         let autoclear = self.header.autoclear_features;
@@ -400,7 +440,13 @@ impl State {
     /// Writes one bitmap's data clusters and table into fresh clusters and
     /// returns the table's offset and entries. Clusters that are all zeros or
     /// all ones are not written: the table entry says so.
-    fn store_data(&mut self, name: &str, data: &DirtyBitmap) -> Result<(u64, Vec<TableEntry>)> {
+    /// `full`: every cluster gets a data cluster (write-intent mode).
+    fn store_data(
+        &mut self,
+        name: &str,
+        data: &DirtyBitmap,
+        full: bool,
+    ) -> Result<(u64, Vec<TableEntry>)> {
         let cs = self.cluster_size();
         let total = data.serialized_len();
         let n = total.div_ceil(cs);
@@ -409,7 +455,9 @@ impl State {
         for i in 0..n {
             let start = i * cs;
             let len = cs.min(total - start);
-            kinds.push(if data.serialized_range_is_clean(start, len) {
+            kinds.push(if full {
+                TableEntry::Data(0)
+            } else if data.serialized_range_is_clean(start, len) {
                 TableEntry::Zeros
             } else {
                 data.read_serialized(start, &mut cluster[..len as usize]);
@@ -577,8 +625,16 @@ impl Image {
         let granularity = granularity.unwrap_or_else(|| st.cluster_size().clamp(4096, 65536));
         self.add_locked(&mut st, name, granularity, enabled)
             .map_err(|e| self.ctx(e))?;
+        // Write-intent mode: stored in place before anyone marks it. When
+        // cluster 0 cannot hold the larger record (found before anything
+        // is written), the add is undone.
+        let stored = st.commit_intent();
+        if let Err(Error::NoSpace(_)) = &stored {
+            st.slots.pop();
+        }
+        let stored = stored.map_err(|e| self.ctx(e));
         self.publish_enabled(&st);
-        Ok(())
+        stored
     }
 
     fn add_locked(
@@ -638,6 +694,7 @@ impl Image {
             entry,
             data: Some(Arc::new(data)),
             table: None,
+            recovered: false,
         });
         st.dir_changed = true;
         Ok(())
@@ -666,14 +723,14 @@ impl Image {
         if let Some(data) = &slot.data {
             data.release_memory();
         }
-        Ok(())
+        st.commit_intent().map_err(|e| self.ctx(e))
     }
 
     pub fn clear_bitmap(&self, name: &str) -> Result<()> {
         let st = self.writable_state()?;
         let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
         data.clear_all();
-        Ok(())
+        st.sync_intent().map_err(|e| self.ctx(e))
     }
 
     pub fn enable_bitmap(&self, name: &str) -> Result<()> {
@@ -693,7 +750,7 @@ impl Image {
             st.dir_changed = true;
             self.publish_enabled(&st);
         }
-        Ok(())
+        st.commit_intent().map_err(|e| self.ctx(e))
     }
 
     pub fn rename_bitmap(&self, old: &str, new: &str) -> Result<()> {
@@ -726,7 +783,7 @@ impl Image {
         st.slots[i].entry.name = new.to_string();
         st.slots[i].entry.raw_name = None;
         st.dir_changed = true;
-        Ok(())
+        st.commit_intent().map_err(|e| self.ctx(e))
     }
 
     /// ORs bitmap `src_name` of `src` (this image or another open one) into
@@ -753,7 +810,7 @@ impl Image {
             ))));
         }
         dst.merge_from(&src_data);
-        Ok(())
+        st.sync_intent().map_err(|e| self.ctx(e))
     }
 
     /// Marks every granule that `[offset, offset+length)` touches.
@@ -762,7 +819,7 @@ impl Image {
         let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
         self.check_range(offset, length, Some(name))?;
         data.mark_bytes(offset, length);
-        Ok(())
+        st.sync_intent().map_err(|e| self.ctx(e))
     }
 
     /// Clears `[offset, offset+length)`, which must start on a granule and end
@@ -779,7 +836,7 @@ impl Image {
             ))));
         }
         data.reset_bits(offset / g, end.div_ceil(g) - offset / g);
-        Ok(())
+        st.sync_intent().map_err(|e| self.ctx(e))
     }
 
     pub fn dirty_bytes(&self, name: &str) -> Result<u64> {

@@ -7,6 +7,7 @@ mod bitmaps;
 mod check;
 mod create;
 mod enabled;
+mod intent;
 mod layout;
 mod lock;
 mod resize;
@@ -14,6 +15,7 @@ mod resize;
 pub use bitmaps::{BitmapInfo, Extents};
 pub use check::{check_file, check_storage, CheckOptions, CheckReport};
 pub use create::CreateOptions;
+pub use intent::{IntentStats, AUTOCLEAR_WRITE_INTENT, RECORD_MAGIC};
 
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -35,6 +37,9 @@ pub struct OpenOptions {
     /// Read without taking QEMU's image locks (`qemu-img -U`): the image may
     /// be changing under us. Read-only opens only.
     pub force_share: bool,
+    /// Write-intent mode (read-write only): a mark returns once its bits are
+    /// durable on disk, so that a crash leaves bitmaps that can be recovered.
+    pub write_intent: bool,
 }
 
 impl OpenOptions {
@@ -72,6 +77,8 @@ pub struct Image {
     size: AtomicU64,
     state: Mutex<State>,
     enabled: EnabledSet,
+    /// Present in write-intent mode: the group commit of durable marks.
+    intent: Option<intent::Intent>,
     /// The image's locks and its data file's; released when the image is
     /// dropped, after the state is stored.
     _locks: Vec<lock::LockGuard>,
@@ -93,6 +100,8 @@ pub(crate) struct State {
     /// (offset, clusters) that become free once the next directory is durable.
     pending_free: Vec<(u64, u64)>,
     closed: bool,
+    /// Write-intent mode: bitmaps stored in place, fully allocated.
+    intent: bool,
 }
 
 impl Image {
@@ -100,6 +109,11 @@ impl Image {
     pub fn open(path: impl AsRef<Path>, options: OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         let name = path.display().to_string();
+        if options.write_intent && !options.writable {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: write-intent mode is for read-write opens only"
+            )));
+        }
         if options.writable && options.force_share {
             return Err(Error::InvalidArgument(format!(
                 "{name}: force-share is for read-only opens only"
@@ -152,7 +166,13 @@ impl Image {
         options: OpenOptions,
         before_writing: impl FnOnce(&State) -> Result<()>,
     ) -> Result<Image> {
-        let state = State::load(storage, options.writable).map_err(|e| e.context(name))?;
+        if options.write_intent && !options.writable {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: write-intent mode is for read-write opens only"
+            )));
+        }
+        let mut state = State::load(storage, options.writable).map_err(|e| e.context(name))?;
+        state.intent = options.write_intent;
         before_writing(&state)?;
         let image = Image {
             name: name.to_string(),
@@ -160,6 +180,7 @@ impl Image {
             size: AtomicU64::new(state.header.size),
             state: Mutex::new(state),
             enabled: EnabledSet::default(),
+            intent: options.write_intent.then(intent::Intent::default),
             _locks: Vec::new(),
         };
         {
@@ -231,8 +252,20 @@ impl Image {
 
     /// Marks `[offset, offset+length)` dirty in every enabled bitmap.
     /// Lock-free and allocation-free; safe from any number of threads.
+    /// In write-intent mode it returns once the marked bits are durable
+    /// (at once, without I/O or locks, when they already are).
     #[inline]
     pub fn mark_dirty(&self, offset: u64, length: u64) -> Result<()> {
+        self.mark_dirty_plain(offset, length)?;
+        match &self.intent {
+            Some(i) => self.mark_durable(i, offset, length),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks in memory only.
+    #[inline]
+    fn mark_dirty_plain(&self, offset: u64, length: u64) -> Result<()> {
         match offset.checked_add(length) {
             Some(end) if self.writable && end <= self.size.load(Ordering::Relaxed) => {}
             _ => return Err(self.mark_error(offset, length)),
@@ -246,7 +279,8 @@ impl Image {
     /// The common case of [`Image::mark_dirty`] for the C hot path, without
     /// calls, frames or panics: true when every enabled bitmap took the mark through
     /// [`crate::bitmap::Marker::mark_fast`]. False means "not done (or
-    /// partly)": the caller goes the ordinary way, which marks again.
+    /// partly)", and always in write-intent mode: the caller goes the
+    /// ordinary way, which marks again (and waits for durability).
     #[inline(always)]
     pub fn mark_dirty_fast(&self, offset: u64, length: u64) -> bool {
         let last = offset.wrapping_add(length).wrapping_sub(1);
@@ -257,7 +291,9 @@ impl Image {
         if last >= self.size.load(Ordering::Relaxed) {
             return false;
         }
-        self.enabled.all(|m| m.mark_fast(offset, last))
+        // Write-intent marks take the guarded path: their durability check
+        // walks more code than this path may (it must not be able to panic).
+        self.intent.is_none() && self.enabled.all(|m| m.mark_fast(offset, last))
     }
 
     #[cold]
@@ -427,6 +463,7 @@ impl State {
             dir_changed: false,
             pending_free: Vec::new(),
             closed: false,
+            intent: false,
         };
         st.load_bitmaps(writable, layout)?;
         Ok(st)
@@ -438,9 +475,13 @@ impl State {
         let mut exts = self.extensions.clone();
         let mut autoclear = self.header.autoclear_features;
         if self.header.version == 3 {
-            autoclear &= header::AUTOCLEAR_KNOWN;
+            autoclear &= header::AUTOCLEAR_KNOWN | intent::AUTOCLEAR_WRITE_INTENT;
             if autoclear & header::AUTOCLEAR_BITMAPS == 0 {
                 drop_bitmaps_extension(&mut exts);
+            }
+            if !self.intent || autoclear & header::AUTOCLEAR_BITMAPS == 0 {
+                // Recovery is done (at load): the record means nothing now.
+                self.intent_record(&mut exts, &mut autoclear, None, &[], &[], false);
             }
         }
         if exts != self.extensions || autoclear != self.header.autoclear_features {
@@ -455,7 +496,10 @@ impl State {
 
     fn close(&mut self) -> Result<()> {
         let stored = if self.alloc.is_some() {
-            self.persist(true)
+            // Write-intent mode: the record and its bit stay while the
+            // bitmaps are stored without in_use (a crash then leaves them
+            // recoverable or consistent), and go in a step of their own.
+            self.persist(true).and_then(|()| self.drop_intent_record())
         } else {
             Ok(())
         };

@@ -39,6 +39,12 @@ impl Image {
         if !self.writable {
             return Err(self.read_only_error());
         }
+        if self.intent.is_some() {
+            return Err(Error::NotSupported(format!(
+                "{}: resizing in write-intent mode is not supported; close and reopen without it",
+                self.name
+            )));
+        }
         let mut st = self.lock()?;
         let replaced = st.resize(new_size).map_err(|e| e.context(&self.name))?;
         // Marks still reaching an old bitmap (through the list published
