@@ -680,6 +680,10 @@ fn logged_marks(path: &Path) -> Vec<(u64, u64)> {
     out
 }
 
+/// 220 SIGKILLs of a child marking from many threads: after each, the
+/// bitmap is recovered and holds every mark whose call returned; QEMU finds
+/// the image clean before and after we close it, shows the bitmap without
+/// in-use, and exports every returned mark.
 #[test]
 fn sigkill_recovery() {
     let tools = have_tools(&["qemu-img", "nbdinfo", "qemu-nbd"]);
@@ -737,7 +741,7 @@ fn sigkill_recovery() {
             child.wait().unwrap();
             kills += 1;
             let marks = logged_marks(&path);
-            let full_check = tools && (round % 18 == 0 || round + 1 == per_config);
+            let full_check = tools;
             if full_check {
                 // What the kill left: QEMU sees a clean image.
                 let chk = qemu_img_check(&path);
