@@ -1129,8 +1129,6 @@ impl Hot {
 pub struct Marker {
     hot: Hot,
     granularity_bits: u32,
-    /// Last marker of its list (see `EnabledSet`).
-    pub(crate) last: bool,
     size: u64,
     bitmap: Arc<DirtyBitmap>,
 }
@@ -1146,7 +1144,6 @@ impl Marker {
         Marker {
             hot: bitmap.hot(),
             granularity_bits: bitmap.granularity_bits,
-            last: false,
             size: bitmap.size,
             bitmap,
         }

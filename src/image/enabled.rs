@@ -14,7 +14,7 @@
 //! slot costs two fenced atomic operations: more than the mark itself.)
 
 use crate::bitmap::{DirtyBitmap, Marker};
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 type List = Vec<Marker>;
@@ -24,9 +24,8 @@ type List = Vec<Marker>;
 const SEGMENTS: usize = 48;
 
 pub struct EnabledSet {
-    /// First marker of the list markers use (its last one has `last` set),
-    /// or null when no bitmap is enabled: one load finds the list.
-    head: AtomicPtr<Marker>,
+    /// Index of the list markers use.
+    current: AtomicUsize,
     /// Number of lists published (the next index); written under the lock.
     published: AtomicUsize,
     segments: [OnceLock<Box<[OnceLock<List>]>>; SEGMENTS],
@@ -35,7 +34,7 @@ pub struct EnabledSet {
 impl Default for EnabledSet {
     fn default() -> EnabledSet {
         let set = EnabledSet {
-            head: AtomicPtr::new(std::ptr::null_mut()),
+            current: AtomicUsize::new(0),
             published: AtomicUsize::new(0),
             segments: [const { OnceLock::new() }; SEGMENTS],
         };
@@ -55,10 +54,7 @@ fn locate(i: usize) -> (usize, usize) {
 impl EnabledSet {
     /// Publishes a new list. Callers serialise publishes (the image's state lock).
     pub fn publish(&self, bitmaps: Vec<Arc<DirtyBitmap>>) {
-        let mut bitmaps: List = bitmaps.into_iter().map(Marker::new).collect();
-        if let Some(m) = bitmaps.last_mut() {
-            m.last = true;
-        }
+        let bitmaps: List = bitmaps.into_iter().map(Marker::new).collect();
         let i = self.published.load(Ordering::Relaxed);
         let (k, slot) = locate(i);
         let segment =
@@ -66,13 +62,8 @@ impl EnabledSet {
         // Only the publisher writes slot i, once: set cannot fail.
         let _ = segment[slot].set(bitmaps);
         self.published.store(i + 1, Ordering::Relaxed);
-        // The stored list never moves or changes again (see above).
-        let head = segment[slot]
-            .get()
-            .filter(|l| !l.is_empty())
-            .map_or(std::ptr::null_mut(), |l| l.as_ptr().cast_mut());
-        // Release: a marker that reads `head` sees the list stored above.
-        self.head.store(head, Ordering::Release);
+        // Release: a marker that reads index i sees the list stored above.
+        self.current.store(i, Ordering::Release);
     }
 
     /// Calls `f` on every enabled bitmap, without locking, writing shared
@@ -88,25 +79,15 @@ impl EnabledSet {
     /// Calls `f` on every enabled bitmap until it returns false; true if it
     /// never did. Like `for_each`: no locks, no shared writes, no calls but `f`.
     #[inline(always)]
-    pub fn all(&self, mut f: impl FnMut(&Marker) -> bool) -> bool {
-        let mut p = self.head.load(Ordering::Acquire).cast_const();
-        if p.is_null() {
-            return true;
-        }
-        loop {
-            // SAFETY: a non-null head points at the first marker of a
-            // published list, which stays in `segments` unchanged until `self`
-            // is dropped; the list ends with the marker whose `last` is set,
-            // so `p` stays inside it.
-            let m = unsafe { &*p };
-            if !f(m) {
-                return false;
-            }
-            if m.last {
-                return true;
-            }
-            // SAFETY: `m` is not the last marker of its list.
-            p = unsafe { p.add(1) };
+    pub fn all(&self, f: impl FnMut(&Marker) -> bool) -> bool {
+        let (k, slot) = locate(self.current.load(Ordering::Acquire));
+        match self.segments[k]
+            .get()
+            .and_then(|s| s.get(slot))
+            .and_then(OnceLock::get)
+        {
+            Some(list) => list.iter().all(f),
+            None => true,
         }
     }
 

@@ -35,9 +35,9 @@ use crate::error::{Error, Result};
 use crate::format::bitmap_dir::DirEntry;
 use crate::format::bitmap_table::TableEntry;
 use crate::format::extension::{BitmapsExtension, Extension};
-use std::cell::UnsafeCell;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 /// Header extension magic of the write-intent record ("qbmW").
@@ -150,99 +150,15 @@ pub(crate) fn fully_allocated(table: &[TableEntry]) -> bool {
     table.iter().all(|t| matches!(t, TableEntry::Data(_)))
 }
 
-/// Per-image write-intent state: the group commit.
-///
-/// Built on atomics and futexes rather than std's Mutex and Condvar: their
-/// contended paths run in precompiled std code that ThreadSanitizer (make
-/// check-tsan) does not see, so it reported the commit state as racing.
+/// Per-image write-intent state: the group commit. parking_lot's Mutex and
+/// Condvar rather than std's: theirs are compiled with the crate graph, so
+/// ThreadSanitizer (make check-tsan) sees their synchronisation, where std's
+/// precompiled contended paths are invisible to it.
 #[derive(Default)]
 pub(crate) struct Intent {
-    commit: CommitLock,
-    /// Bumped (under `commit`) each time a round ends.
-    finished_rounds: AtomicU32,
-}
-
-/// A futex mutex (0 free, 1 locked, 2 locked with sleepers) over `Commit`.
-#[derive(Default)]
-struct CommitLock {
-    word: AtomicU32,
-    cell: UnsafeCell<Commit>,
-}
-
-// SAFETY: `cell` is only reached through a `CommitGuard`, which exists only
-// while `word` is held (acquired with Acquire, released with Release).
-unsafe impl Sync for CommitLock {}
-// A panic while the lock is held releases it (the guard drops) and leaves
-// `Commit` valid: at worst a round is counted as failed (see `wait_round`).
-impl std::panic::RefUnwindSafe for CommitLock {}
-
-struct CommitGuard<'a>(&'a CommitLock);
-
-impl CommitLock {
-    fn lock(&self) -> CommitGuard<'_> {
-        if self
-            .word
-            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            while self.word.swap(2, Ordering::Acquire) != 0 {
-                futex_wait(&self.word, 2);
-            }
-        }
-        CommitGuard(self)
-    }
-}
-
-impl Drop for CommitGuard<'_> {
-    fn drop(&mut self) {
-        if self.0.word.swap(0, Ordering::Release) == 2 {
-            futex_wake(&self.0.word, 1);
-        }
-    }
-}
-
-impl std::ops::Deref for CommitGuard<'_> {
-    type Target = Commit;
-    fn deref(&self) -> &Commit {
-        // SAFETY: the guard holds the lock (see `CommitLock`).
-        unsafe { &*self.0.cell.get() }
-    }
-}
-
-impl std::ops::DerefMut for CommitGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Commit {
-        // SAFETY: the guard holds the lock, and `&mut self` makes this the
-        // only reference through it.
-        unsafe { &mut *self.0.cell.get() }
-    }
-}
-
-/// Sleeps while `word` holds `value` (or until woken; may wake spuriously).
-fn futex_wait(word: &AtomicU32, value: u32) {
-    // SAFETY: FUTEX_WAIT reads the aligned u32 behind `word`, which lives
-    // for the call; a timeout of NULL waits until woken.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            value,
-            std::ptr::null::<libc::timespec>(),
-        );
-    }
-}
-
-/// Wakes up to `n` threads sleeping on `word`.
-fn futex_wake(word: &AtomicU32, n: i32) {
-    // SAFETY: FUTEX_WAKE only uses the address of `word` as a key.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            n,
-        );
-    }
+    commit: Mutex<Commit>,
+    /// Signalled (under `commit`) each time a round ends.
+    round_done: Condvar,
 }
 
 #[derive(Default)]
@@ -392,7 +308,7 @@ impl Image {
         self.intent.is_some()
     }
 
-    fn commit_lock<'a>(&self, intent: &'a Intent) -> Result<CommitGuard<'a>> {
+    fn commit_lock<'a>(&self, intent: &'a Intent) -> Result<MutexGuard<'a, Commit>> {
         Ok(intent.commit.lock())
     }
 
@@ -411,12 +327,9 @@ impl Image {
                 };
             }
             if c.leader {
-                // Read under the lock: the leader bumps it under the lock
-                // once the round ends, so a wake-up cannot be missed.
-                let seen = intent.finished_rounds.load(Ordering::Acquire);
-                drop(c);
-                futex_wait(&intent.finished_rounds, seen);
-                c = self.commit_lock(intent)?;
+                // The leader signals under the lock when its round ends, so
+                // a wake-up cannot be missed.
+                intent.round_done.wait(&mut c);
                 continue;
             }
             c.leader = true;
@@ -452,8 +365,7 @@ impl Image {
                     c.failed.pop_front();
                 }
             }
-            intent.finished_rounds.fetch_add(1, Ordering::Release);
-            futex_wake(&intent.finished_rounds, i32::MAX);
+            intent.round_done.notify_all();
         }
     }
 
