@@ -5,6 +5,7 @@ pub mod bitmap_dir;
 pub mod bitmap_table;
 pub mod extension;
 pub mod header;
+pub mod l2;
 pub mod refcount;
 
 /// Reads a big-endian u16 at `at`; callers guarantee the bounds.

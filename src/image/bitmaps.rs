@@ -97,13 +97,13 @@ impl State {
             .map_err(|e| Error::io("reading the file size", e))
     }
 
-    fn read(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+    pub(super) fn read(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
         self.storage
             .read_at(buf, offset)
             .map_err(|e| Error::io(format!("reading {what} at {offset:#x}"), e))
     }
 
-    fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+    pub(super) fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
         self.storage
             .write_at(buf, offset)
             .map_err(|e| Error::io(format!("writing {what} at {offset:#x}"), e))

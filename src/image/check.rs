@@ -15,6 +15,7 @@ use crate::format::bitmap_dir;
 use crate::format::bitmap_table::{self, TableEntry};
 use crate::format::extension::{self, BitmapsExtension, Extension};
 use crate::format::header::{self, Header};
+use crate::format::l2::{self, COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED};
 use crate::format::{be16, be32, be64, pad8, refcount};
 use crate::storage::{FileStorage, Storage};
 use std::collections::HashMap;
@@ -26,14 +27,7 @@ const MAX_SNAPSHOTS: u32 = 65536;
 /// Snapshot table bound (QEMU: 64 MiB).
 const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
 const SNAPSHOT_ENTRY_FIXED: usize = 40;
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const COPIED: u64 = 1 << 63;
 const REFCOUNT_TABLE_RESERVED: u64 = 0x1ff;
-/// Bits 0-8 and 56-62 of an L1 entry; bits 1-8 and 56-61 of a standard L2 entry.
-const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
-const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
-const COMPRESSED: u64 = 1 << 62;
 /// At most this many problems are kept as messages; all are counted.
 const MAX_MESSAGES: usize = 1000;
 
@@ -155,12 +149,15 @@ impl Image {
         Ok(report)
     }
 
+    /// Bitmaps found in use at open (not the ones this handle flags while
+    /// it is open); read from the slots, without counting anyone's bits.
     fn inconsistent_bitmaps(&self) -> Result<Vec<String>> {
         Ok(self
-            .bitmaps()?
-            .into_iter()
-            .filter(|b| b.in_use)
-            .map(|b| b.name)
+            .lock()?
+            .slots
+            .iter()
+            .filter(|s| !s.usable() && s.entry.in_use())
+            .map(|s| s.entry.name.clone())
             .collect())
     }
 }
@@ -297,7 +294,7 @@ impl<'a> Walk<'a> {
         };
         // qemu-img does not count a region reaching a cluster or more past
         // the end of the file: it is one corruption, whatever its size.
-        let end = offset + len;
+        let end = offset.saturating_add(len);
         if end > self.file_len && end - self.file_len >= self.cluster_size() {
             self.report.corruption(format!(
                 "ERROR {what}: region at {offset:#x} (+{len}) lies past the end of the file"
@@ -415,7 +412,7 @@ impl<'a> Walk<'a> {
                     "ERROR {what} entry {i} ({entry:#x}) has reserved bits set"
                 ));
             }
-            let l2 = entry & L1_OFFSET_MASK;
+            let l2 = entry & l2::OFFSET_MASK;
             if l2 % cs != 0 {
                 self.report.corruption(format!(
                     "ERROR {what} entry {i}: L2 table offset {l2:#x} is not cluster aligned"
@@ -439,15 +436,12 @@ impl<'a> Walk<'a> {
         let Some(l2) = self.read(offset, cs as usize) else {
             return;
         };
-        let entry_bytes = if self.extended_l2() { 16 } else { 8 };
+        let entry_bytes = l2::entry_bytes(self.extended_l2()) as usize;
         for i in 0..cs as usize / entry_bytes {
             let entry = be64(&l2, i * entry_bytes);
             if entry & COMPRESSED != 0 {
-                let x = 62 - (self.cluster_bits - 8);
-                let host = entry & ((1u64 << x) - 1);
-                let sectors = ((entry & ((1u64 << 62) - 1)) >> x) + 1;
-                let start = host & !511;
-                self.add_ref(start, sectors * 512, "compressed data");
+                let (start, end) = l2::compressed_range(entry, self.cluster_bits);
+                self.add_ref(start, end - start, "compressed data");
                 if active {
                     self.report.allocated_clusters += 1;
                     self.report.compressed_clusters += 1;
@@ -462,7 +456,7 @@ impl<'a> Walk<'a> {
                     "ERROR L2 table at {offset:#x} entry {i} ({entry:#x}) has reserved bits set"
                 ));
             }
-            let host = entry & L2_OFFSET_MASK;
+            let host = entry & l2::OFFSET_MASK;
             // In an external data file guest cluster 0 sits at offset 0: the
             // COPIED flag is what says it is allocated.
             let allocated = host != 0 || (self.external_data() && entry & COPIED != 0);
@@ -531,7 +525,12 @@ impl<'a> Walk<'a> {
                 ));
             }
             l1s.push((l1_offset, l1_size));
-            at += pad8(len as usize) as u64;
+            let Some(next) = at.checked_add(pad8(len as usize) as u64) else {
+                return self.report.corruption(format!(
+                    "ERROR snapshot table at {offset:#x} runs past the largest file offset"
+                ));
+            };
+            at = next;
         }
         self.add_ref(offset, at - offset, "snapshot table");
         for (l1_offset, l1_size) in l1s {
@@ -676,5 +675,41 @@ impl<'a> Walk<'a> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{CreateOptions, Image};
+    use crate::storage::MemoryStorage;
+    use std::sync::Arc;
+
+    /// A snapshot table at the very end of the offset space is one
+    /// corruption, not an arithmetic overflow.
+    #[test]
+    fn snapshot_table_at_the_end_of_the_offset_space() {
+        let mem = Arc::new(MemoryStorage::default());
+        let options = CreateOptions {
+            size: 1 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        };
+        Image::create_storage(Box::new(mem.clone()), "t", &options)
+            .unwrap()
+            .close()
+            .unwrap();
+        let mut bytes = mem.contents();
+        bytes[60..64].copy_from_slice(&65535u32.to_be_bytes()); // nb_snapshots
+        bytes[64..72].copy_from_slice(&(u64::MAX & !511).to_be_bytes()); // snapshots_offset
+        let r = check_storage(&MemoryStorage::new(bytes)).unwrap();
+        assert!(
+            r.messages.iter().any(|m| m.contains(
+                "snapshot table at 0xfffffffffffffe00 runs past the largest file offset"
+            )),
+            "{:?}",
+            r.messages
+        );
+        assert!(!r.is_consistent());
     }
 }

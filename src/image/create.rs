@@ -6,6 +6,7 @@ use super::{Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::extension;
 use crate::format::header::{self, Header};
+use crate::format::l2::COPIED;
 use crate::format::refcount;
 use crate::storage::{FileStorage, Storage};
 use std::path::{Path, PathBuf};
@@ -261,7 +262,6 @@ fn map_data_file(
     size: u64,
     l1: u64,
 ) -> Result<()> {
-    const COPIED: u64 = 1 << 63;
     const PIECE: u64 = 8 << 20;
     let cs = 1u64 << cluster_bits;
     let per_l2 = cs / 8;

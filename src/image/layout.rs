@@ -119,8 +119,6 @@ impl Layout {
     }
 }
 
-/// L1 and L2 entries: bits 9-55 hold the offset.
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const SNAPSHOT_ENTRY_FIXED: usize = 40;
 
 fn read(storage: &dyn Storage, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
@@ -167,7 +165,7 @@ pub(super) fn base(
         let mut l1 = vec![0u8; bytes as usize];
         read(storage, &mut l1, h.l1_table_offset, "the L1 table")?;
         for i in 0..h.l1_size as usize {
-            let off = be64(&l1, i * 8) & L1_OFFSET_MASK;
+            let off = be64(&l1, i * 8) & crate::format::l2::OFFSET_MASK;
             // Also past the end of the file: a file that grows later (our own
             // allocations) would otherwise turn such an entry into an overlap.
             if off != 0 && off % cs == 0 {

@@ -16,14 +16,11 @@
 use super::{Image, State};
 use crate::error::{Error, Result};
 use crate::format::header;
+use crate::format::l2::{self, COMPRESSED, COPIED};
 use crate::DirtyBitmap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const COPIED: u64 = 1 << 63;
-const COMPRESSED: u64 = 1 << 62;
 /// QEMU's largest L1 table.
 const MAX_L1_BYTES: u64 = 32 << 20;
 
@@ -174,26 +171,14 @@ impl State {
 
     /// Entries per L2 table (16-byte entries with extended L2).
     fn l2_entries(&self) -> u64 {
-        let entry = if self.header.incompatible_features & header::INCOMPAT_EXTL2 != 0 {
-            16
-        } else {
-            8
-        };
-        self.cluster_size() / entry
+        let extended = self.header.incompatible_features & header::INCOMPAT_EXTL2 != 0;
+        self.cluster_size() / l2::entry_bytes(extended)
     }
 
     fn read_vec(&self, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len as usize];
-        self.storage
-            .read_at(&mut buf, offset)
-            .map_err(|e| Error::io(format!("reading {what} at {offset:#x}"), e))?;
+        self.read(&mut buf, offset, what)?;
         Ok(buf)
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
-        self.storage
-            .write_at(buf, offset)
-            .map_err(|e| Error::io(format!("writing {what} at {offset:#x}"), e))
     }
 
     /// Clears the mapping of every guest cluster at or past `new_size`, then
@@ -212,7 +197,7 @@ impl State {
         let mut cleared_l1 = Vec::new();
         for i in first / per_l2..l1_len {
             let l2 = u64::from_be_bytes(l1[i as usize * 8..][..8].try_into().expect("8 bytes"))
-                & L1_OFFSET_MASK;
+                & l2::OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
@@ -226,15 +211,11 @@ impl State {
                 let at = (j * entry_bytes) as usize;
                 let entry = u64::from_be_bytes(table[at..at + 8].try_into().expect("8 bytes"));
                 if entry & COMPRESSED != 0 {
-                    let x = 62 - (bits - 8);
-                    let host = entry & ((1u64 << x) - 1);
-                    let sectors = ((entry & ((1u64 << 62) - 1)) >> x) + 1;
-                    let start = host & !511;
-                    let end = start + sectors * 512;
+                    let (start, end) = l2::compressed_range(entry, bits);
                     let (c0, c1) = (start >> bits, (end - 1) >> bits);
                     free.push((c0 << bits, c1 - c0 + 1));
-                } else if entry & L2_OFFSET_MASK != 0 && !external {
-                    free.push((entry & L2_OFFSET_MASK, 1));
+                } else if entry & l2::OFFSET_MASK != 0 && !external {
+                    free.push((entry & l2::OFFSET_MASK, 1));
                 }
                 table[at..at + entry_bytes as usize].fill(0);
             }
@@ -242,11 +223,11 @@ impl State {
                 cleared_l1.push(i);
                 free.push((l2, 1));
             } else {
-                self.write_at(&table, l2, "an L2 table")?;
+                self.write(&table, l2, "an L2 table")?;
             }
         }
         for &i in &cleared_l1 {
-            self.write_at(&0u64.to_be_bytes(), l1_offset + i * 8, "the L1 table")?;
+            self.write(&0u64.to_be_bytes(), l1_offset + i * 8, "the L1 table")?;
         }
         self.flush_storage()?;
         // Nothing names these clusters any more.
@@ -267,7 +248,7 @@ impl State {
         let clusters = (entries * 8).div_ceil(cs);
         l1.resize((clusters * cs) as usize, 0);
         let offset = self.allocate(clusters)?;
-        self.write_at(&l1, offset, "the grown L1 table")?;
+        self.write(&l1, offset, "the grown L1 table")?;
         self.flush_storage()?;
         header.l1_table_offset = offset;
         header.l1_size = entries as u32;
@@ -297,7 +278,7 @@ impl State {
         while c < end {
             let i = (c / per_l2) as usize;
             let raw = u64::from_be_bytes(l1[i * 8..][..8].try_into().expect("8 bytes"));
-            let (l2, mut table) = match raw & L1_OFFSET_MASK {
+            let (l2, mut table) = match raw & l2::OFFSET_MASK {
                 0 => {
                     let l2 = self.allocate(1)?;
                     l1[i * 8..][..8].copy_from_slice(&(l2 | COPIED).to_be_bytes());
@@ -311,12 +292,12 @@ impl State {
                 let at = ((g % per_l2) * entry_bytes) as usize;
                 table[at..at + 8].copy_from_slice(&((g << bits) | COPIED).to_be_bytes());
             }
-            self.write_at(&table, l2, "an L2 table")?;
+            self.write(&table, l2, "an L2 table")?;
             c = table_end;
         }
         self.flush_storage()?;
         if l1_changed {
-            self.write_at(&l1, header.l1_table_offset, "the L1 table")?;
+            self.write(&l1, header.l1_table_offset, "the L1 table")?;
             self.flush_storage()?;
         }
         Ok(())
