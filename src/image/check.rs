@@ -701,7 +701,7 @@ mod tests {
             .unwrap();
         let mut bytes = mem.contents();
         bytes[60..64].copy_from_slice(&65535u32.to_be_bytes()); // nb_snapshots
-        bytes[64..72].copy_from_slice(&(u64::MAX & !511).to_be_bytes()); // snapshots_offset
+        bytes[64..72].copy_from_slice(&(!511u64).to_be_bytes()); // snapshots_offset
         let r = check_storage(&MemoryStorage::new(bytes)).unwrap();
         assert!(
             r.messages.iter().any(|m| m.contains(
