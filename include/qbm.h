@@ -45,6 +45,16 @@
 #define QBM_OPEN_WRITE_INTENT (1 << 2)
 
 /**
+ * `qbm_open` flag: lazy mode, for backup and management tools. Bitmap data
+ * is read only when a call needs it; extents, dirty counts, merges of equal
+ * granularity and clears work a chunk at a time without loading it, so
+ * memory and I/O follow what a call touches, not the disk size. With
+ * `QBM_OPEN_RDWR` bitmaps are not flagged in_use (nothing is tracked) and
+ * `qbm_mark_dirty` fails with -EINVAL. Not with `QBM_OPEN_WRITE_INTENT`.
+ */
+#define QBM_OPEN_LAZY (1 << 3)
+
+/**
  * `qbm_bitmap_add` flag: the new bitmap starts disabled (not marked by writes).
  */
 #define QBM_BITMAP_DISABLED (1 << 0)
@@ -273,7 +283,8 @@ const char *qbm_last_error(void);
  * (bitmaps are then marked in_use on disk until close), 0 for read-only;
  * `QBM_OPEN_FORCE_SHARE` reads without QEMU's locks (read-only only);
  * `QBM_OPEN_WRITE_INTENT` (with `QBM_OPEN_RDWR`) makes marks durable so
- * that the bitmaps survive a crash. Any read-write open recovers bitmaps a
+ * that the bitmaps survive a crash; `QBM_OPEN_LAZY` reads bitmap data only
+ * when a call needs it (tools that track no writes). Any read-write open recovers bitmaps a
  * crashed write-intent session left (`QBM_BITMAP_RECOVERED`).
  * Takes the same image locks as QEMU: -EBUSY while another process (a VM,
  * qemu-img) holds the image in a conflicting way.

@@ -222,6 +222,24 @@ fn scenarios(dir: &TempDir) -> Vec<(Scenario, Snapshot)> {
         random_per_cut: 24,
     });
 
+    // Lazy opens: a streamed merge (new data clusters and table written
+    // beside the old ones) and the clear of a bitmap never loaded.
+    out.push(Scenario {
+        name: "lazy merge+clear",
+        base: std_base.clone(),
+        run: plain(|img| {
+            img.merge_bitmap("a", img, "c").unwrap();
+            img.merge_bitmap("c", img, "a").unwrap();
+            img.clear_bitmap("b").unwrap();
+        }),
+        new: with(&|s| {
+            let a = s["a"].extents.clone();
+            s.get_mut("c").unwrap().extents = a;
+            s.get_mut("b").unwrap().extents.clear();
+        }),
+        random_per_cut: 24,
+    });
+
     out.push(Scenario {
         name: "rename",
         base: std_base.clone(),
@@ -557,7 +575,11 @@ fn variants(cp: &CutPoint<'_>, random: u64) -> Vec<Cut> {
 fn run_scenario(s: &Scenario, old: &Snapshot, scratch: &Path) -> Row {
     let t = Instant::now();
     let rec = RecordingStorage::new(s.base.clone());
-    let img = Image::open_storage(Box::new(rec.clone()), s.name, OpenOptions::read_write())
+    let options = OpenOptions {
+        lazy: s.name.starts_with("lazy"),
+        ..OpenOptions::read_write()
+    };
+    let img = Image::open_storage(Box::new(rec.clone()), s.name, options)
         .unwrap_or_else(|e| panic!("{}: open: {e}", s.name));
     let between = (s.run)(&img);
     img.close()

@@ -228,7 +228,7 @@ fn t1_qemu_writes_we_read() {
                 );
                 assert_eq!(
                     info_of(&list, name).dirty_bytes,
-                    total,
+                    Some(total),
                     "{ctx}: BitmapInfo.dirty_bytes of '{name}'"
                 );
                 assert!(info_of(&list, name).usable, "{ctx}: '{name}' not usable");
@@ -2461,7 +2461,7 @@ fn t16_locking_with_qemu() {
                 OpenOptions {
                     writable: false,
                     force_share: true,
-                    write_intent: false,
+                    ..OpenOptions::default()
                 },
             )
             .unwrap();

@@ -248,7 +248,7 @@ fn companion_and_data_file_are_locked() {
         OpenOptions {
             writable: false,
             force_share: true,
-            write_intent: false,
+            ..OpenOptions::default()
         },
     )
     .unwrap();

@@ -54,6 +54,9 @@ enum Command {
     Info {
         #[arg(long)]
         json: bool,
+        /// Also count each bitmap's dirty bytes (reads every bitmap's data).
+        #[arg(long)]
+        count: bool,
         image: String,
     },
     /// Add an empty bitmap.
@@ -181,14 +184,18 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Every command opens lazily (bitmap data read only where a command needs
+/// it) unless --write-intent asks for a tracking session.
 fn open(path: &str, writable: bool) -> Result<Image, Error> {
     let force_share = FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed);
+    let write_intent = writable && WRITE_INTENT.load(std::sync::atomic::Ordering::Relaxed);
     Image::open(
         path,
         OpenOptions {
             writable,
             force_share,
-            write_intent: writable && WRITE_INTENT.load(std::sync::atomic::Ordering::Relaxed),
+            write_intent,
+            lazy: !write_intent,
         },
     )
 }
@@ -226,21 +233,25 @@ fn human_size(bytes: u64) -> String {
     }
 }
 
-fn bitmap_json(b: &BitmapInfo) -> serde_json::Value {
-    json!({
+fn bitmap_json(b: &BitmapInfo, counted: bool) -> serde_json::Value {
+    let mut v = json!({
         "name": b.name,
         "granularity": b.granularity,
         "enabled": b.enabled,
         "in-use": b.in_use,
         "usable": b.usable,
         "recovered": b.recovered,
-        "dirty-bytes": b.dirty_bytes,
         "extra-data-size": b.extra_data.len(),
         "extra-data": b.extra_data.iter().map(|x| format!("{x:02x}")).collect::<String>(),
-    })
+    });
+    if counted {
+        v["dirty-bytes"] = json!(b.dirty_bytes);
+    }
+    v
 }
 
-fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: bool) {
+/// `counted`: the bitmaps' dirty bytes were counted (info --count).
+fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: bool, counted: bool) {
     if as_json {
         let v = json!({
             "filename": path,
@@ -250,7 +261,7 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
             "version": info.version,
             "backing-filename": info.backing_file,
             "data-file": info.data_file,
-            "bitmaps": bitmaps.iter().map(bitmap_json).collect::<Vec<_>>(),
+            "bitmaps": bitmaps.iter().map(|b| bitmap_json(b, counted)).collect::<Vec<_>>(),
         });
         println!(
             "{}",
@@ -284,9 +295,14 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
         .max()
         .unwrap_or(4)
         .max(4);
+    let dirty_header = if counted { "DIRTY BYTES" } else { "" };
     println!(
-        "  {:width$}  {:>11}  {:<16}  {:>14}",
-        "NAME", "GRANULARITY", "FLAGS", "DIRTY BYTES"
+        "{}",
+        format!(
+            "  {:width$}  {:>11}  {:<16}  {:>14}",
+            "NAME", "GRANULARITY", "FLAGS", dirty_header
+        )
+        .trim_end()
     );
     for b in bitmaps {
         let mut flags = vec![if b.enabled { "enabled" } else { "disabled" }];
@@ -298,12 +314,21 @@ fn print_info(path: &str, info: &ImageInfo, bitmaps: &[BitmapInfo], as_json: boo
         } else if !b.usable {
             flags.push("unsupported");
         }
+        let dirty = match (counted, b.dirty_bytes) {
+            (false, _) => String::new(),
+            (true, Some(n)) => n.to_string(),
+            (true, None) => "-".into(),
+        };
         println!(
-            "  {:width$}  {:>11}  {:<16}  {:>14}",
-            b.name,
-            b.granularity,
-            flags.join(","),
-            b.dirty_bytes
+            "{}",
+            format!(
+                "  {:width$}  {:>11}  {:<16}  {:>14}",
+                b.name,
+                b.granularity,
+                flags.join(","),
+                dirty
+            )
+            .trim_end()
         );
     }
 }
@@ -328,9 +353,14 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             },
         )?
         .close(),
-        Command::Info { json, image } => {
+        Command::Info { json, count, image } => {
             let img = open(&image, false)?;
-            print_info(&image, &img.info()?, &img.bitmaps()?, json);
+            let bitmaps = if count {
+                img.bitmaps()?
+            } else {
+                img.bitmap_list()?
+            };
+            print_info(&image, &img.info()?, &bitmaps, json, count);
             Ok(())
         }
         Command::Add {
@@ -378,18 +408,21 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 out.push((start, end - start));
                 at = start + len;
             }
-            if json {
+            // One write per buffer, not per line.
+            use std::io::Write;
+            let mut w = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+            let written = if json {
                 let v: Vec<_> = out
                     .iter()
                     .map(|&(s, l)| json!({"start": s, "length": l}))
                     .collect();
-                println!("{}", serde_json::Value::Array(v));
+                writeln!(w, "{}", serde_json::Value::Array(v))
             } else {
-                for (s, l) in out {
-                    println!("{s} {l}");
-                }
-            }
-            Ok(())
+                out.iter().try_for_each(|(s, l)| writeln!(w, "{s} {l}"))
+            };
+            written
+                .and_then(|()| w.flush())
+                .map_err(|e| Error::io("writing the extents", e))
         }
         Command::Resize { image, size } => modify(&image, |img| img.resize(size)),
         Command::Check {

@@ -57,7 +57,8 @@ fn check_out_handle(out_img: *mut *mut qbm_image) -> Result<(), Error> {
 /// (bitmaps are then marked in_use on disk until close), 0 for read-only;
 /// `QBM_OPEN_FORCE_SHARE` reads without QEMU's locks (read-only only);
 /// `QBM_OPEN_WRITE_INTENT` (with `QBM_OPEN_RDWR`) makes marks durable so
-/// that the bitmaps survive a crash. Any read-write open recovers bitmaps a
+/// that the bitmaps survive a crash; `QBM_OPEN_LAZY` reads bitmap data only
+/// when a call needs it (tools that track no writes). Any read-write open recovers bitmaps a
 /// crashed write-intent session left (`QBM_BITMAP_RECOVERED`).
 /// Takes the same image locks as QEMU: -EBUSY while another process (a VM,
 /// qemu-img) holds the image in a conflicting way.
@@ -67,7 +68,7 @@ pub extern "C" fn qbm_open(path: *const c_char, flags: u32, img: *mut *mut qbm_i
     run(|| {
         let path = string(path, "path")?;
         check_out_handle(img)?;
-        let known = QBM_OPEN_RDWR | QBM_OPEN_FORCE_SHARE | QBM_OPEN_WRITE_INTENT;
+        let known = QBM_OPEN_RDWR | QBM_OPEN_FORCE_SHARE | QBM_OPEN_WRITE_INTENT | QBM_OPEN_LAZY;
         if flags & !known != 0 {
             return Err(Error::InvalidArgument(format!(
                 "{path}: unknown open flags {:#x}",
@@ -78,6 +79,7 @@ pub extern "C" fn qbm_open(path: *const c_char, flags: u32, img: *mut *mut qbm_i
             writable: flags & QBM_OPEN_RDWR != 0,
             force_share: flags & QBM_OPEN_FORCE_SHARE != 0,
             write_intent: flags & QBM_OPEN_WRITE_INTENT != 0,
+            lazy: flags & QBM_OPEN_LAZY != 0,
         };
         let image = Image::open(path, options)?;
         store_handle(img, image)
@@ -230,7 +232,7 @@ pub extern "C" fn qbm_bitmap_get_info(
                 granularity: b.granularity,
                 flags,
                 extra_data_size: b.extra_data.len() as u32,
-                dirty_bytes: b.dirty_bytes,
+                dirty_bytes: b.dirty_bytes.unwrap_or(0),
             },
         )?;
         Ok(0)

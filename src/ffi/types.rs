@@ -19,6 +19,13 @@ pub const QBM_OPEN_FORCE_SHARE: u32 = 1 << 1;
 /// survive a crash of the process: the next read-write open recovers them
 /// (`QBM_BITMAP_RECOVERED`). See `qbm_mark_dirty_nowait` and `qbm_sync`.
 pub const QBM_OPEN_WRITE_INTENT: u32 = 1 << 2;
+/// `qbm_open` flag: lazy mode, for backup and management tools. Bitmap data
+/// is read only when a call needs it; extents, dirty counts, merges of equal
+/// granularity and clears work a chunk at a time without loading it, so
+/// memory and I/O follow what a call touches, not the disk size. With
+/// `QBM_OPEN_RDWR` bitmaps are not flagged in_use (nothing is tracked) and
+/// `qbm_mark_dirty` fails with -EINVAL. Not with `QBM_OPEN_WRITE_INTENT`.
+pub const QBM_OPEN_LAZY: u32 = 1 << 3;
 
 /// `qbm_bitmap_add` flag: the new bitmap starts disabled (not marked by writes).
 pub const QBM_BITMAP_DISABLED: u32 = 1 << 0;

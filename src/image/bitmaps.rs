@@ -20,7 +20,7 @@ use std::sync::Arc;
 /// Reads and writes of bitmap data go in pieces of at most this many bytes:
 /// large enough for sequential device speed, small enough that the buffer
 /// does not dominate the resident memory of a sparse bitmap.
-const IO_CHUNK: u64 = 1 << 20;
+pub(super) const IO_CHUNK: u64 = 1 << 20;
 
 /// What a caller sees of one bitmap.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,8 +34,9 @@ pub struct BitmapInfo {
     pub in_use: bool,
     /// Neither inconsistent nor carrying extra data this version does not know.
     pub usable: bool,
-    /// Dirty bytes (0 when not usable).
-    pub dirty_bytes: u64,
+    /// Dirty bytes; None when not usable, or not counted
+    /// ([`Image::bitmap_list`] does not count).
+    pub dirty_bytes: Option<u64>,
     /// Extra data from the directory entry, kept byte for byte.
     pub extra_data: Vec<u8>,
     /// Found in_use but recovered at open: it was in write-intent mode when
@@ -49,8 +50,12 @@ pub(crate) struct Slot {
     /// The directory entry as it is (or will be) on disk. `table_offset` and
     /// `table_size` name the stored table while `table` is `Some`.
     pub(super) entry: DirEntry,
-    /// The bits; `None` when the bitmap is inconsistent or untouchable.
+    /// The bits in memory; `None` when the bitmap is inconsistent or
+    /// untouchable, or `stored`.
     pub(super) data: Option<Arc<DirtyBitmap>>,
+    /// Usable, with its bits on disk only (lazy opens, see stored.rs): they
+    /// are those of `table` until a call loads them into `data`.
+    pub(super) stored: bool,
     /// The entries of the stored table, once known.
     pub(super) table: Option<Vec<TableEntry>>,
     /// Loaded from an in_use entry by write-intent recovery.
@@ -59,17 +64,18 @@ pub(crate) struct Slot {
 
 impl Slot {
     pub(crate) fn usable(&self) -> bool {
-        self.data.is_some()
+        self.data.is_some() || self.stored
     }
 
+    /// What a caller sees, without the dirty count.
     fn info(&self) -> BitmapInfo {
         BitmapInfo {
             name: self.entry.name.clone(),
             granularity: 1u64 << self.entry.granularity_bits,
             enabled: self.entry.auto(),
-            in_use: self.data.is_none() && self.entry.in_use(),
+            in_use: !self.usable() && self.entry.in_use(),
             usable: self.usable(),
-            dirty_bytes: self.data.as_ref().map_or(0, |d| d.dirty_bytes()),
+            dirty_bytes: None,
             extra_data: self.entry.extra_data.clone(),
             recovered: self.recovered,
         }
@@ -187,13 +193,15 @@ impl State {
         drop(names);
         self.directory = Some((ext.directory_offset, ext.directory_size));
         for ((entry, table), recovered) in entries.into_iter().zip(tables).zip(recovered) {
-            let (data, table) = match table {
-                Some(table) => (Some(Arc::new(self.load_data(&entry, &table)?)), Some(table)),
-                None => (None, None),
+            let stored = self.lazy && table.is_some();
+            let data = match &table {
+                Some(table) if !stored => Some(Arc::new(self.load_data(&entry, table)?)),
+                _ => None,
             };
             self.slots.push(Slot {
                 entry,
                 data,
+                stored,
                 table,
                 recovered,
             });
@@ -285,7 +293,8 @@ impl State {
         if self.intent && !closing {
             return self.persist_intent();
         }
-        let want_in_use = !closing;
+        // Lazy opens track no writes: their bitmaps stay as stored.
+        let want_in_use = !closing && !self.lazy;
         let flags_change = self
             .slots
             .iter()
@@ -394,6 +403,8 @@ impl State {
     /// stays valid, the clusters leak (qemu-img check -r leaks), and the
     /// refcounts are read again. Retrying could free a cluster twice.
     fn free_pending(&mut self) -> Result<()> {
+        // Freed tables may be reallocated: a cached chunk would be stale.
+        self.chunk_cache = None;
         let pieces = std::mem::take(&mut self.pending_free);
         let storage = self.storage.as_ref();
         let freed = self
@@ -510,7 +521,7 @@ impl State {
 /// How one serialized cluster is stored. `Data(0)` means "needs a cluster".
 /// `last` says the cluster holds the final byte, whose bits past `bit_count`
 /// are padding.
-fn classify(bytes: &[u8], last: bool, bit_count: u64) -> TableEntry {
+pub(super) fn classify(bytes: &[u8], last: bool, bit_count: u64) -> TableEntry {
     if bytes.iter().all(|&b| b == 0) {
         return TableEntry::Zeros;
     }
@@ -526,7 +537,7 @@ fn classify(bytes: &[u8], last: bool, bit_count: u64) -> TableEntry {
 }
 
 /// (offset, clusters) pieces a stored table and its data occupy.
-fn table_clusters(table_offset: u64, table: &[TableEntry], cs: u64) -> Vec<(u64, u64)> {
+pub(super) fn table_clusters(table_offset: u64, table: &[TableEntry], cs: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = table
         .iter()
         .filter_map(|t| match t {
@@ -549,20 +560,76 @@ impl State {
             .ok_or_else(|| Error::NotFound(format!("bitmap '{name}' not found")))
     }
 
-    /// The bits of a bitmap that may be read or changed.
-    fn usable(&self, name: &str) -> Result<(usize, Arc<DirtyBitmap>)> {
+    /// Index of a bitmap that may be read or changed.
+    fn usable_index(&self, name: &str) -> Result<usize> {
         let i = self.find(name)?;
         let slot = &self.slots[i];
-        match &slot.data {
-            Some(d) => Ok((i, d.clone())),
-            None if slot.entry.in_use() => Err(Error::Busy(format!(
+        if slot.usable() {
+            Ok(i)
+        } else if slot.entry.in_use() {
+            Err(Error::Busy(format!(
                 "bitmap '{name}' is inconsistent (it was in use when the image was opened); it can only be removed"
-            ))),
-            None => Err(Error::NotSupported(format!(
+            )))
+        } else {
+            Err(Error::NotSupported(format!(
                 "bitmap '{name}' carries {} bytes of extra data this version does not understand; it is kept but cannot be used",
                 slot.entry.extra_data.len()
-            ))),
+            )))
         }
+    }
+
+    /// The bits of a bitmap that may be read or changed, in memory (a
+    /// stored one is loaded).
+    fn usable(&mut self, name: &str) -> Result<(usize, Arc<DirtyBitmap>)> {
+        let i = self.usable_index(name)?;
+        Ok((i, self.load_slot(i)?))
+    }
+
+    /// Slot `i`'s bits in memory, loading them if they are only stored.
+    pub(super) fn load_slot(&mut self, i: usize) -> Result<Arc<DirtyBitmap>> {
+        if let Some(d) = &self.slots[i].data {
+            return Ok(d.clone());
+        }
+        let slot = &self.slots[i];
+        let table = slot
+            .table
+            .as_deref()
+            .expect("usable slots keep their table");
+        let data = Arc::new(self.load_data(&slot.entry, table)?);
+        let slot = &mut self.slots[i];
+        slot.data = Some(data.clone());
+        slot.stored = false;
+        Ok(data)
+    }
+
+    /// Slot `i`'s bits for reading: in memory, or loaded for the caller
+    /// alone (a stored bitmap stays stored: its memory goes with the caller's).
+    fn bits_of(&self, i: usize) -> Result<Arc<DirtyBitmap>> {
+        let slot = &self.slots[i];
+        match &slot.data {
+            Some(d) => Ok(d.clone()),
+            None => {
+                let table = slot
+                    .table
+                    .as_deref()
+                    .expect("usable slots keep their table");
+                Ok(Arc::new(self.load_data(&slot.entry, table)?))
+            }
+        }
+    }
+
+    /// Slot `i` as a caller sees it; `count` counts its dirty bytes (which
+    /// reads a stored bitmap's data clusters).
+    fn slot_info(&mut self, i: usize, count: bool) -> Result<BitmapInfo> {
+        let mut info = self.slots[i].info();
+        if count {
+            info.dirty_bytes = match &self.slots[i].data {
+                Some(d) => Some(d.dirty_bytes()),
+                None if self.slots[i].stored => Some(self.stored_dirty_bytes(i)?),
+                None => None,
+            };
+        }
+        Ok(info)
     }
 
     /// The clusters a bitmap that was never loaded occupies, if its table
@@ -599,8 +666,18 @@ impl Image {
         self.lock()
     }
 
-    /// Every bitmap, in directory order.
+    /// Every bitmap, in directory order, with its dirty bytes counted (on
+    /// a lazy open that reads every usable bitmap's data clusters).
     pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
+        let mut st = self.lock()?;
+        (0..st.slots.len())
+            .map(|i| st.slot_info(i, true).map_err(|e| self.ctx(e)))
+            .collect()
+    }
+
+    /// Every bitmap, in directory order, without counting dirty bytes
+    /// (`dirty_bytes` is None): reads nothing.
+    pub fn bitmap_list(&self) -> Result<Vec<BitmapInfo>> {
         Ok(self.lock()?.slots.iter().map(Slot::info).collect())
     }
 
@@ -610,13 +687,17 @@ impl Image {
 
     /// Bitmap number `index` in directory order, or None past the end.
     pub fn bitmap_info_at(&self, index: usize) -> Result<Option<BitmapInfo>> {
-        Ok(self.lock()?.slots.get(index).map(Slot::info))
+        let mut st = self.lock()?;
+        if index >= st.slots.len() {
+            return Ok(None);
+        }
+        st.slot_info(index, true).map(Some).map_err(|e| self.ctx(e))
     }
 
     pub fn bitmap_info(&self, name: &str) -> Result<BitmapInfo> {
-        let st = self.lock()?;
+        let mut st = self.lock()?;
         let i = st.find(name).map_err(|e| self.ctx(e))?;
-        Ok(st.slots[i].info())
+        st.slot_info(i, true).map_err(|e| self.ctx(e))
     }
 
     /// Adds an empty bitmap. `granularity` None picks QEMU's default.
@@ -693,6 +774,7 @@ impl Image {
         st.slots.push(Slot {
             entry,
             data: Some(Arc::new(data)),
+            stored: false,
             table: None,
             recovered: false,
         });
@@ -727,7 +809,26 @@ impl Image {
     }
 
     pub fn clear_bitmap(&self, name: &str) -> Result<()> {
-        let st = self.writable_state()?;
+        let mut st = self.writable_state()?;
+        let i = st.usable_index(name).map_err(|e| self.ctx(e))?;
+        if st.slots[i].stored {
+            // Nothing to read: an empty bitmap replaces it at the next store.
+            let empty = DirtyBitmap::new(
+                st.header.size,
+                st.geometry(&st.slots[i].entry).granularity_bits,
+            )
+            .map_err(|e| {
+                self.ctx(Error::io(
+                    format!("allocating memory for bitmap '{name}'"),
+                    e,
+                ))
+            })?;
+            empty.set_modified();
+            let slot = &mut st.slots[i];
+            slot.data = Some(Arc::new(empty));
+            slot.stored = false;
+            return Ok(());
+        }
         let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
         data.clear_all();
         st.sync_intent().map_err(|e| self.ctx(e))
@@ -743,7 +844,7 @@ impl Image {
 
     fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
         let mut st = self.writable_state()?;
-        let (i, _) = st.usable(name).map_err(|e| self.ctx(e))?;
+        let i = st.usable_index(name).map_err(|e| self.ctx(e))?;
         let entry = &mut st.slots[i].entry;
         if entry.auto() != enabled {
             entry.flags ^= FLAG_AUTO;
@@ -755,7 +856,7 @@ impl Image {
 
     pub fn rename_bitmap(&self, old: &str, new: &str) -> Result<()> {
         let mut st = self.writable_state()?;
-        let (i, _) = st.usable(old).map_err(|e| self.ctx(e))?;
+        let i = st.usable_index(old).map_err(|e| self.ctx(e))?;
         if old == new {
             return Ok(());
         }
@@ -790,32 +891,48 @@ impl Image {
     /// bitmap `dst_name` of this image. Granularities may differ; disk sizes
     /// must match, as QEMU requires.
     pub fn merge_bitmap(&self, dst_name: &str, src: &Image, src_name: &str) -> Result<()> {
-        let src_data = if std::ptr::eq(self, src) {
-            None
-        } else {
+        if std::ptr::eq(self, src) {
+            let mut st = self.writable_state()?;
+            let d = st.usable_index(dst_name).map_err(|e| self.ctx(e))?;
+            let s = st.usable_index(src_name).map_err(|e| self.ctx(e))?;
+            let (dg, sg) = (
+                st.slots[d].entry.granularity_bits,
+                st.slots[s].entry.granularity_bits,
+            );
+            if st.slots[d].stored && st.slots[s].stored && dg == sg {
+                if d != s {
+                    st.stored_merge(d, s).map_err(|e| self.ctx(e))?;
+                }
+                return Ok(());
+            }
+            let dst = st.load_slot(d).map_err(|e| self.ctx(e))?;
+            let src_bits = st.bits_of(s).map_err(|e| self.ctx(e))?;
+            dst.merge_from(&src_bits);
+            return st.sync_intent().map_err(|e| self.ctx(e));
+        }
+        // Another image: its state lock is taken alone, never with ours.
+        let src_bits = {
             let st = src.lock()?;
-            Some(st.usable(src_name).map_err(|e| src.ctx(e))?.1)
+            let s = st.usable_index(src_name).map_err(|e| src.ctx(e))?;
+            st.bits_of(s).map_err(|e| src.ctx(e))?
         };
-        let st = self.writable_state()?;
-        let (_, dst) = st.usable(dst_name).map_err(|e| self.ctx(e))?;
-        let src_data = match src_data {
-            Some(d) => d,
-            None => st.usable(src_name).map_err(|e| self.ctx(e))?.1,
-        };
-        if src_data.size() != dst.size() {
+        let mut st = self.writable_state()?;
+        let d = st.usable_index(dst_name).map_err(|e| self.ctx(e))?;
+        let size = st.header.size;
+        if src.size() != size {
             return Err(self.ctx(Error::InvalidArgument(format!(
-                "cannot merge bitmap '{src_name}' of a {}-byte disk into bitmap '{dst_name}' of a {}-byte disk",
-                src_data.size(),
-                dst.size()
+                "cannot merge bitmap '{src_name}' of a {}-byte disk into bitmap '{dst_name}' of a {size}-byte disk",
+                src.size(),
             ))));
         }
-        dst.merge_from(&src_data);
+        let dst = st.load_slot(d).map_err(|e| self.ctx(e))?;
+        dst.merge_from(&src_bits);
         st.sync_intent().map_err(|e| self.ctx(e))
     }
 
     /// Marks every granule that `[offset, offset+length)` touches.
     pub fn set_range(&self, name: &str, offset: u64, length: u64) -> Result<()> {
-        let st = self.writable_state()?;
+        let mut st = self.writable_state()?;
         let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
         self.check_range(offset, length, Some(name))?;
         data.mark_bytes(offset, length);
@@ -825,7 +942,7 @@ impl Image {
     /// Clears `[offset, offset+length)`, which must start on a granule and end
     /// on one or at the end of the disk, so no byte outside it is forgotten.
     pub fn reset_range(&self, name: &str, offset: u64, length: u64) -> Result<()> {
-        let st = self.writable_state()?;
+        let mut st = self.writable_state()?;
         let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
         self.check_range(offset, length, Some(name))?;
         let g = data.granularity();
@@ -840,28 +957,32 @@ impl Image {
     }
 
     pub fn dirty_bytes(&self, name: &str) -> Result<u64> {
-        let st = self.lock()?;
-        let (_, data) = st.usable(name).map_err(|e| self.ctx(e))?;
-        Ok(data.dirty_bytes())
+        let mut st = self.lock()?;
+        let i = st.usable_index(name).map_err(|e| self.ctx(e))?;
+        let info = st.slot_info(i, true).map_err(|e| self.ctx(e))?;
+        Ok(info.dirty_bytes.expect("usable bitmaps are counted"))
     }
 
-    /// The next dirty run (start, length) at or after `from`, or None.
+    /// The next dirty run (start, length) at or after `from`, or None. On a
+    /// lazy open it reads only the chunk holding the run (and keeps it for
+    /// the next call).
     pub fn next_extent(&self, name: &str, from: u64) -> Result<Option<(u64, u64)>> {
-        let data = self.bitmap_data(name)?;
-        Ok(data.next_dirty_extent(from))
+        let mut st = self.lock()?;
+        let i = st.usable_index(name).map_err(|e| self.ctx(e))?;
+        match &st.slots[i].data {
+            Some(d) => Ok(d.next_dirty_extent(from)),
+            None => st.stored_next_extent(i, from).map_err(|e| self.ctx(e)),
+        }
     }
 
-    /// Every dirty run, in order.
+    /// Every dirty run, in order. On a lazy open the bitmap is loaded
+    /// first; walk it with [`Image::next_extent`] to read it a chunk at a time.
     pub fn extents(&self, name: &str) -> Result<Extents> {
+        let mut st = self.lock()?;
         Ok(Extents {
-            data: self.bitmap_data(name)?,
+            data: st.usable(name).map_err(|e| self.ctx(e))?.1,
             next: 0,
         })
-    }
-
-    fn bitmap_data(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
-        let st = self.lock()?;
-        Ok(st.usable(name).map_err(|e| self.ctx(e))?.1)
     }
 }
 

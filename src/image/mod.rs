@@ -11,6 +11,7 @@ mod intent;
 mod layout;
 mod lock;
 mod resize;
+mod stored;
 
 pub use bitmaps::{BitmapInfo, Extents};
 pub use check::{check_file, check_storage, CheckOptions, CheckReport};
@@ -40,6 +41,14 @@ pub struct OpenOptions {
     /// Write-intent mode (read-write only): a mark returns once its bits are
     /// durable on disk, so that a crash leaves bitmaps that can be recovered.
     pub write_intent: bool,
+    /// Lazy mode, for tools that manage bitmaps while nothing writes guest
+    /// data through this handle: bitmap data is read only when a call needs
+    /// it, and counted, walked, merged (same granularity) and cleared a
+    /// chunk at a time without loading it, so memory and I/O follow what a
+    /// call touches, not the disk size. A lazy read-write open does not flag
+    /// bitmaps in_use (no write is tracked) and refuses `mark_dirty`.
+    /// Not with `write_intent`.
+    pub lazy: bool,
 }
 
 impl OpenOptions {
@@ -73,6 +82,8 @@ pub struct ImageInfo {
 pub struct Image {
     name: String,
     writable: bool,
+    /// Writable and not lazy: `mark_dirty` works.
+    tracking: bool,
     /// The virtual size; changes only under the state lock (resize).
     size: AtomicU64,
     state: Mutex<State>,
@@ -102,6 +113,10 @@ pub(crate) struct State {
     closed: bool,
     /// Write-intent mode: bitmaps stored in place, fully allocated.
     intent: bool,
+    /// Lazy open: usable bitmaps start `stored` (stored.rs).
+    lazy: bool,
+    /// The last chunk of a stored bitmap read (stored.rs).
+    chunk_cache: Option<stored::ChunkCache>,
 }
 
 impl Image {
@@ -117,6 +132,11 @@ impl Image {
         if options.writable && options.force_share {
             return Err(Error::InvalidArgument(format!(
                 "{name}: force-share is for read-only opens only"
+            )));
+        }
+        if options.lazy && options.write_intent {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: write-intent mode tracks writes; a lazy open tracks none"
             )));
         }
         let file = std::fs::OpenOptions::new()
@@ -171,12 +191,19 @@ impl Image {
                 "{name}: write-intent mode is for read-write opens only"
             )));
         }
-        let mut state = State::load(storage, options.writable).map_err(|e| e.context(name))?;
+        if options.lazy && options.write_intent {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: write-intent mode tracks writes; a lazy open tracks none"
+            )));
+        }
+        let mut state =
+            State::load(storage, options.writable, options.lazy).map_err(|e| e.context(name))?;
         state.intent = options.write_intent;
         before_writing(&state)?;
         let image = Image {
             name: name.to_string(),
             writable: options.writable,
+            tracking: options.writable && !options.lazy,
             size: AtomicU64::new(state.header.size),
             state: Mutex::new(state),
             enabled: EnabledSet::default(),
@@ -267,7 +294,7 @@ impl Image {
     #[inline]
     fn mark_dirty_plain(&self, offset: u64, length: u64) -> Result<()> {
         match offset.checked_add(length) {
-            Some(end) if self.writable && end <= self.size.load(Ordering::Relaxed) => {}
+            Some(end) if self.tracking && end <= self.size.load(Ordering::Relaxed) => {}
             _ => return Err(self.mark_error(offset, length)),
         }
         self.enabled.for_each(|b| {
@@ -285,7 +312,7 @@ impl Image {
     pub fn mark_dirty_fast(&self, offset: u64, length: u64) -> bool {
         let last = offset.wrapping_add(length).wrapping_sub(1);
         // length > 0, no overflow, inside the disk.
-        if length == 0 || last < offset || !self.writable {
+        if length == 0 || last < offset || !self.tracking {
             return false;
         }
         if last >= self.size.load(Ordering::Relaxed) {
@@ -300,6 +327,12 @@ impl Image {
     fn mark_error(&self, offset: u64, length: u64) -> Error {
         if !self.writable {
             return self.read_only_error();
+        }
+        if !self.tracking {
+            return Error::InvalidArgument(format!(
+                "{}: opened lazily, the image tracks no writes (open it without the lazy option to mark)",
+                self.name
+            ));
         }
         match self.check_range(offset, length, None) {
             Err(e) => e,
@@ -395,7 +428,7 @@ impl State {
 
     /// Reads and validates cluster 0, the refcount table (writable only) and
     /// the bitmap directory, and loads every usable bitmap.
-    fn load(storage: Box<dyn Storage>, writable: bool) -> Result<State> {
+    fn load(storage: Box<dyn Storage>, writable: bool, lazy: bool) -> Result<State> {
         let len = storage
             .len()
             .map_err(|e| Error::io("reading the file size", e))?;
@@ -464,6 +497,8 @@ impl State {
             pending_free: Vec::new(),
             closed: false,
             intent: false,
+            lazy,
+            chunk_cache: None,
         };
         st.load_bitmaps(writable, layout)?;
         Ok(st)

@@ -124,6 +124,10 @@ impl State {
         }
 
         // The new bitmaps first: nothing on disk changes if memory runs out.
+        // (A lazy open's stored bitmaps are loaded: every bit moves.)
+        for i in 0..self.slots.len() {
+            self.load_slot(i)?;
+        }
         let mut replaced = Vec::with_capacity(self.slots.len());
         for slot in &self.slots {
             let old = slot.data.clone().expect("usable (checked above)");
