@@ -326,6 +326,10 @@ static int cmd_io(const char *dir) {
     return 0;
 }
 
+/* Each bitmap gets bits of its own, so that merging one into another
+ * changes clusters: sparse, `granules` random 4 KiB writes per bitmap;
+ * dense, the alternating runs of dense_runs shifted by half a run per
+ * bitmap. */
 static int cmd_mkimg(const char *path, uint64_t size, int nb, const char *pattern, uint64_t granules) {
     struct qbm_image *img = create(path, size);
     for (int i = 0; i < nb; i++) {
@@ -333,11 +337,18 @@ static int cmd_mkimg(const char *path, uint64_t size, int nb, const char *patter
         snprintf(name, sizeof name, "b%d", i);
         if (qbm_bitmap_add(img, name, GRAN, 0))
             die("add");
+        if (!strcmp(pattern, "sparse")) {
+            for (uint64_t k = 0; k < granules; k++)
+                if (qbm_bitmap_set(img, name, (next_rand() % (size / GRAN)) * GRAN, 4096))
+                    die("qbm_bitmap_set");
+            continue;
+        }
+        uint64_t runs = 8192, run = size / runs < 2 * GRAN ? 2 * GRAN : size / runs;
+        uint64_t shift = (uint64_t)i * (run / 2) % run / GRAN * GRAN;
+        for (uint64_t off = shift; off + run <= size; off += 2 * run)
+            if (qbm_bitmap_set(img, name, off, run))
+                die("qbm_bitmap_set");
     }
-    if (!strcmp(pattern, "sparse"))
-        scatter(img, size, granules);
-    else
-        dense_runs(img, size, 8192);
     if (qbm_close(img))
         die("close");
     return 0;

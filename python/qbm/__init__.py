@@ -62,6 +62,7 @@ __all__ = [
     "OPEN_RDWR",
     "OPEN_FORCE_SHARE",
     "OPEN_WRITE_INTENT",
+    "OPEN_LAZY",
     "BITMAP_RECOVERED",
     "BITMAP_DISABLED",
     "BITMAP_ENABLED",
@@ -93,6 +94,9 @@ OPEN_RDWR = 1 << 0
 OPEN_FORCE_SHARE = 1 << 1
 #: ``qbm_open`` flag: write-intent mode (marks durable; bitmaps survive a crash).
 OPEN_WRITE_INTENT = 1 << 2
+#: ``qbm_open`` flag: read bitmap data only when a call needs it (tools
+#: that track no writes; :meth:`Image.mark_dirty` is refused).
+OPEN_LAZY = 1 << 3
 #: ``qbm_bitmap_add`` flag: the new bitmap starts disabled.
 BITMAP_DISABLED = 1 << 0
 #: ``qbm_bitmap_info.flags``: marked by every write.
@@ -528,6 +532,7 @@ class Image:
         writable: bool = False,
         force_share: bool = False,
         write_intent: bool = False,
+        lazy: bool = False,
     ) -> "Image":
         """Opens the qcow2 image at ``path``, read-only unless ``writable``.
 
@@ -538,6 +543,11 @@ class Image:
         ``write_intent`` (with ``writable``): :meth:`mark_dirty` returns once
         the marked bits are durable, so the bitmaps survive a crash of this
         process (the next read-write open recovers them).
+        ``lazy``, for backup and management tools: bitmap data is read only
+        when a call needs it; extents, dirty counts, merges of equal
+        granularity and clears work a chunk at a time, so memory and I/O
+        follow what a call touches, not the disk size. Bitmaps are not
+        flagged in_use and :meth:`mark_dirty` is refused.
         """
         p = _path(path)
         h = _HandleP()
@@ -545,6 +555,7 @@ class Image:
             (OPEN_RDWR if writable else 0)
             | (OPEN_FORCE_SHARE if force_share else 0)
             | (OPEN_WRITE_INTENT if write_intent else 0)
+            | (OPEN_LAZY if lazy else 0)
         )
         _check(lib.qbm_open(p, flags, ctypes.byref(h)), "qbm_open")
         return cls(h, path)

@@ -522,18 +522,26 @@ impl State {
 /// `last` says the cluster holds the final byte, whose bits past `bit_count`
 /// are padding.
 pub(super) fn classify(bytes: &[u8], last: bool, bit_count: u64) -> TableEntry {
-    if bytes.iter().all(|&b| b == 0) {
+    if all_bytes(bytes, 0) {
         return TableEntry::Zeros;
     }
     let (body, tail) = match (last, bit_count % 8) {
         (true, r) if r != 0 => (&bytes[..bytes.len() - 1], Some((1u8 << r) - 1)),
         _ => (bytes, None),
     };
-    if body.iter().all(|&b| b == 0xff) && tail.is_none_or(|mask| bytes[bytes.len() - 1] == mask) {
+    if all_bytes(body, 0xff) && tail.is_none_or(|mask| bytes[bytes.len() - 1] == mask) {
         TableEntry::Ones
     } else {
         TableEntry::Data(0)
     }
+}
+
+/// Every byte of `bytes` is `v`; compared a word at a time.
+fn all_bytes(bytes: &[u8], v: u8) -> bool {
+    let word = u64::from_ne_bytes([v; 8]);
+    let mut words = bytes.chunks_exact(8);
+    words.remainder().iter().all(|&b| b == v)
+        && words.all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == word)
 }
 
 /// (offset, clusters) pieces a stored table and its data occupy.

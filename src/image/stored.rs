@@ -125,6 +125,24 @@ fn find_bit(bytes: &[u8], from: u64, end: u64, set: bool) -> Option<u64> {
     None
 }
 
+/// ORs `src` into `dst` (same length); true if a bit of `dst` changed.
+fn or_into(dst: &mut [u8], src: &[u8]) -> bool {
+    let mut new = 0u64;
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (x, y) in (&mut d).zip(&mut s) {
+        let xv = u64::from_ne_bytes((&*x).try_into().expect("8 bytes"));
+        let yv = u64::from_ne_bytes(y.try_into().expect("8 bytes"));
+        new |= yv & !xv;
+        x.copy_from_slice(&(xv | yv).to_ne_bytes());
+    }
+    for (x, y) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        new |= u64::from(*y & !*x);
+        *x |= *y;
+    }
+    new != 0
+}
+
 /// Set bits of `bytes` in `[0, end)`.
 fn count_bits(bytes: &[u8], end: u64) -> u64 {
     let full = (end / 8) as usize;
@@ -319,12 +337,7 @@ impl State {
                 b[len - 1] &= (1u8 << (geo.bit_count % 8)) - 1;
             }
             self.read_entry(&name, d, len, &mut a)?;
-            let mut any = false;
-            for (x, y) in a.iter_mut().zip(&b) {
-                any |= *y & !*x != 0;
-                *x |= *y;
-            }
-            if !any {
+            if !or_into(&mut a, &b) {
                 continue;
             }
             changed = true;
@@ -436,6 +449,15 @@ mod tests {
         assert_eq!(find_bit(&b, 168, 256, true), None);
         assert_eq!(find_bit(&b, 28, 256, false), Some(29));
         let ones = vec![0xffu8; 9];
+        let mut d = vec![0b0101u8; 19];
+        assert!(!or_into(&mut d, &[0b0001u8; 19]));
+        assert!(or_into(&mut d, &[0b0010u8; 19]));
+        assert_eq!(d, vec![0b0111u8; 19]);
+        let mut tail = vec![0u8; 19];
+        let mut last = vec![0u8; 19];
+        last[18] = 0x80;
+        assert!(or_into(&mut tail, &last));
+        assert_eq!(tail[18], 0x80);
         assert_eq!(find_bit(&ones, 3, 72, false), None);
         assert_eq!(find_bit(&ones, 3, 72, true), Some(3));
     }
