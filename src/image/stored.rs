@@ -8,11 +8,16 @@
 //! `k / 8`); bits past the bitmap's last one are ignored wherever they are
 //! read, whatever a hostile image put there.
 
-use super::bitmaps::{classify, IO_CHUNK};
+use super::bitmaps::classify;
 use super::State;
 use crate::error::Result;
 use crate::format::bitmap_dir::{self, DirEntry};
 use crate::format::bitmap_table::{self, TableEntry};
+
+/// Bytes of a stored bitmap read (or merged and written) at a time: the
+/// whole memory a lazy walk needs, so smaller than a loading open's reads;
+/// large enough that the syscalls cost little next to the copying.
+const CHUNK: u64 = 256 << 10;
 
 /// The last chunk read, kept for the next call: an extent walk calls
 /// `next_extent` once per extent, mostly within one chunk.
@@ -46,7 +51,7 @@ impl Geometry {
             bit_count: disk_size.div_ceil(1 << g),
             granularity_bits: g,
             disk_size,
-            chunk_clusters: (IO_CHUNK / cluster_size).max(1),
+            chunk_clusters: (CHUNK / cluster_size).max(1),
         }
     }
 
@@ -316,7 +321,7 @@ impl State {
         // Clusters waiting to be written, contiguous from one allocation.
         let mut pending: Vec<u8> = Vec::new();
         let mut pending_index: Vec<usize> = Vec::new();
-        let batch = (IO_CHUNK / cs).max(1) as usize;
+        let batch = (CHUNK / cs).max(1) as usize;
         let mut changed = false;
         for k in 0..dst_table.len() {
             let (d, s) = (dst_table[k], src_table[k]);
