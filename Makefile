@@ -180,11 +180,24 @@ clean:
 
 # make bench: issue 5's figures against QEMU's tools and bare-C limits,
 # measured in the same run; prints one table, writes bench-results.json.
-BENCH_BINS := $(OUT)/bench/mark $(OUT)/bench/lib $(OUT)/bench/intent
+BENCH_BINS := $(OUT)/bench/mark $(OUT)/bench/lib $(OUT)/bench/intent $(OUT)/bench/spawn $(OUT)/bench/floor
 
 $(OUT)/bench/%: benches/%.c include/qbm.h lib
 	@mkdir -p $(dir $@)
 	$(CC) $(CWARN) -O2 -g -o $@ $< $(CTEST_LINK)
+
+# spawn times the whole-process rows (fork+exec, wait4's ru_maxrss); static so
+# that the pre-exec image its children start from is small. floor is the
+# process-creation floor those rows are read against: int main(){return 0;}.
+# Both fall back to dynamic linking when there is no static libc.
+$(OUT)/bench/spawn: benches/spawn.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CWARN) -O2 -static -o $@ $< 2>/dev/null || $(CC) $(CWARN) -O2 -o $@ $<
+
+$(OUT)/bench/floor:
+	@mkdir -p $(dir $@)
+	printf 'int main(void) { return 0; }\n' > $@.c
+	$(CC) -O2 -static -o $@ $@.c 2>/dev/null || $(CC) -O2 -o $@ $@.c
 
 bench: lib bin $(BENCH_BINS)
 	python3 benches/run.py $(OUT)

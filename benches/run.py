@@ -3,14 +3,14 @@
 in the same run (QEMU's tools on the same image, or a bare-C physical limit).
 Prints one table and writes bench-results.json.
 
-usage: benches/run.py BUILD_DIR   (BUILD_DIR holds bench/mark, bench/lib and
-the qbm binary is target/release/qbm)"""
+usage: benches/run.py BUILD_DIR   (BUILD_DIR holds bench/mark, bench/lib,
+bench/intent, bench/spawn, bench/floor; the qbm binary is
+target/release/qbm). Whole-process rows (items 5, 6) are timed by
+bench/spawn, see spawn() below."""
 
 import json
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +22,10 @@ QBM = os.path.join(ROOT, "target", "release", "qbm")
 MARK = os.path.join(BUILD, "bench", "mark")
 LIB = os.path.join(BUILD, "bench", "lib")
 INTENT = os.path.join(BUILD, "bench", "intent")
+SPAWN = os.path.join(BUILD, "bench", "spawn")
+FLOOR = os.path.join(BUILD, "bench", "floor")
 RUNS = int(os.environ.get("QBM_BENCH_RUNS", "5"))
+WARMUP = int(os.environ.get("QBM_BENCH_WARMUP", "1"))  # untimed runs before the RUNS
 GIB, TIB = 1 << 30, 1 << 40
 
 rows = []
@@ -39,92 +42,34 @@ def json_lines(cmd):
     return {d["metric"]: d.get("ns", d.get("value")) for d in map(json.loads, out.splitlines())}
 
 
-def run_measured(cmd, prepare=None):
-    """Wall seconds and peak RSS in KiB. The time is of the bare process; the
-    peak comes from /usr/bin/time -f %M around it (ru_maxrss of a child forked
-    straight from this Python process would start at Python's own size)."""
-    if prepare:
-        prepare()
-    t0 = time.perf_counter()
-    r, w = os.pipe()
-    p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", f"/dev/fd/{w}", *cmd], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, pass_fds=(w,))
-    os.close(w)
-    err = p.stderr.read()
-    p.wait()
-    t = time.perf_counter() - t0
-    rss = os.read(r, 64).decode().strip().splitlines()
-    os.close(r)
+def spawn(*cmds, copy=None, server=None, runs=RUNS):
+    """Median wall seconds and max peak RSS (KiB) of `runs` runs, timed by
+    bench/spawn (benches/spawn.c): a small static C process that fork+execs
+    each command, times fork..wait4 with CLOCK_MONOTONIC and takes wait4's
+    ru_maxrss, so neither Python nor /usr/bin/time is inside the figure. A
+    run of several commands counts the sum of their times and the max of
+    their peaks. copy=(SRC, DST): a fresh image before each run, untimed.
+    server=SOCKET: the first command is a server listening there; the time
+    runs from its fork until the last command exits (startup included)."""
+    args = [SPAWN, "-n", str(runs), "-w", str(WARMUP)]
+    if copy:
+        args += ["--copy", *copy]
+    if server:
+        args += ["--server", server]
+    for c in cmds:
+        args += ["--", *c]
+    p = subprocess.run(args, capture_output=True, text=True)
     if p.returncode != 0:
-        raise RuntimeError(f"{cmd} failed: {err.decode()}")
-    return t, int(rss[-1])
-
-
-def median_of(fn, runs=RUNS):
-    ts, ms = [], []
-    for _ in range(runs):
-        t, m = fn()
-        ts.append(t)
-        ms.append(m)
-    return statistics.median(ts), max(ms)
-
-
-def seq(*cmds, prepare=None):
-    """Several processes in a row: total time, max peak RSS."""
-    def go():
-        if prepare:
-            prepare()
-        total, peak = 0.0, 0
-        for c in cmds:
-            t, m = run_measured(c)
-            total += t
-            peak = max(peak, m)
-        return total, peak
-    return go
-
-
-def nbd_extents(img, name):
-    """qemu-nbd -B NAME + nbdinfo --map: total wall time, peak RSS of the two."""
-    sock = tempfile.mktemp(prefix="qbm-bench-nbd.")
-    t0 = time.perf_counter()
-    r, w = os.pipe()
-    srv = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", f"/dev/fd/{w}", "qemu-nbd", "-r", "-f", "qcow2",
-                            "-B", name, f"--socket={sock}", img],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(w,))
-    os.close(w)
-    while True:
-        if os.path.exists(sock):
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(sock)
-                s.close()
-                break
-            except OSError:
-                pass
-        if srv.poll() is not None:
-            raise RuntimeError("qemu-nbd exited")
-        time.sleep(0.002)
-    t_client, m_client = run_measured(["nbdinfo", f"--map=qemu:dirty-bitmap:{name}",
-                                       f"nbd+unix:///?socket={sock}"])
-    t = time.perf_counter() - t0
-    # qemu-nbd exits by itself after its one client.
-    try:
-        srv.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        srv.kill()
-        srv.wait()
-    server_rss = int(os.read(r, 64).decode().strip().splitlines()[-1])
-    os.close(r)
-    if os.path.exists(sock):
-        os.unlink(sock)
-    return t, max(m_client, server_rss)
+        raise RuntimeError(f"{' '.join(args)} failed: {p.stderr}")
+    summary = json.loads(p.stdout.splitlines()[-1])
+    return summary["median_s"], summary["max_maxrss_kib"]
 
 
 def fmt(v, unit):
     if v is None:
         return "-"
     if unit in ("s",):
-        return f"{v:.3f} s" if v >= 0.1 else f"{v * 1e3:.1f} ms"
+        return f"{v:.3f} s" if v >= 0.1 else f"{v * 1e3:.1f} ms" if v >= 0.01 else f"{v * 1e3:.2f} ms"
     if unit == "ms":
         return f"{v:.3f} ms"
     if unit == "ns":
@@ -205,38 +150,59 @@ def make_image(path, size, nb, pattern, granules=1000):
     subprocess.run([LIB, "mkimg", path, str(size), str(nb), pattern, str(granules)], check=True)
 
 
+def floor_rows():
+    """What part of a whole-process row is process creation: a static C
+    int main(){return 0;} and each tool's --version, measured like the rows."""
+    t_floor, m_floor = spawn([FLOOR])
+    t_qbm, m_qbm = spawn([QBM, "--version"])
+    t_qemu, m_qemu = spawn(["qemu-img", "--version"])
+    rows.append(dict(group="5 vs QEMU", metric="process floor: static C int main(){return 0;}", ours=t_floor,
+                     baseline=None, unit="s", ratio=None, target="info", pass_=None,
+                     note=f"peak RSS {m_floor / 1024:.1f} MiB; fork+exec+exit+wait4 from bench/spawn",
+                     ours_rss_kib=m_floor))
+    rows.append(dict(group="5 vs QEMU", metric="process floor: qbm --version vs qemu-img --version", ours=t_qbm,
+                     baseline=t_qemu, unit="s", ratio=t_qemu / t_qbm, target="info", pass_=None,
+                     note=f"peak RSS {m_qbm / 1024:.1f} / {m_qemu / 1024:.1f} MiB",
+                     ours_rss_kib=m_qbm, baseline_rss_kib=m_qemu))
+    return (f"process floor {t_floor * 1e3:.2f} ms (qbm --version {t_qbm * 1e3:.2f} ms, "
+            f"qemu-img --version {t_qemu * 1e3:.2f} ms)")
+
+
 def item5(tmp):
+    floor = floor_rows()
     sizes = [("1 GiB", GIB), ("1 TiB", TIB), ("16 TiB", 16 * TIB)]
+    sock = tempfile.mktemp(prefix="qbm-bench-nbd.", dir="/tmp")  # short: sun_path holds 108 bytes
     for label, size in sizes:
         for pattern in ("sparse", "dense"):
             base = os.path.join(tmp, f"cmp-{label.replace(' ', '')}-{pattern}.qcow2")
             make_image(base, size, 2, pattern)
             img = os.path.join(tmp, "work.qcow2")
-            fresh = lambda: shutil.copyfile(base, img)
-            fresh()
+            fresh = (base, img)  # copied before each run of the commands that modify the image
             ops = [
-                ("info", seq([QBM, "info", img]), seq(["qemu-img", "info", img])),
-                ("clear", seq([QBM, "clear", img, "b0"], prepare=fresh),
-                 seq(["qemu-img", "bitmap", "--clear", img, "b0"], prepare=fresh)),
-                ("merge", seq([QBM, "merge", "b1", img, "b0"], prepare=fresh),
-                 seq(["qemu-img", "bitmap", "--merge", "b1", img, "b0"], prepare=fresh)),
-                ("add+remove", seq([QBM, "add", img, "new"], [QBM, "remove", img, "new"], prepare=fresh),
-                 seq(["qemu-img", "bitmap", "--add", img, "new"], ["qemu-img", "bitmap", "--remove", img, "new"],
-                     prepare=fresh)),
-                ("extents", lambda: (fresh(), run_measured([QBM, "extents", img, "b0"]))[1],
-                 lambda: nbd_extents(img, "b0")),
+                ("info", lambda: spawn([QBM, "info", img]), lambda: spawn(["qemu-img", "info", img])),
+                ("clear", lambda: spawn([QBM, "clear", img, "b0"], copy=fresh),
+                 lambda: spawn(["qemu-img", "bitmap", "--clear", img, "b0"], copy=fresh)),
+                ("merge", lambda: spawn([QBM, "merge", "b1", img, "b0"], copy=fresh),
+                 lambda: spawn(["qemu-img", "bitmap", "--merge", "b1", img, "b0"], copy=fresh)),
+                ("add+remove", lambda: spawn([QBM, "add", img, "new"], [QBM, "remove", img, "new"], copy=fresh),
+                 lambda: spawn(["qemu-img", "bitmap", "--add", img, "new"],
+                               ["qemu-img", "bitmap", "--remove", img, "new"], copy=fresh)),
+                ("extents", lambda: spawn([QBM, "extents", img, "b0"]),
+                 lambda: spawn(["qemu-nbd", "-r", "-f", "qcow2", "-B", "b0", f"--socket={sock}", img],
+                               ["nbdinfo", "--map=qemu:dirty-bitmap:b0", f"nbd+unix:///?socket={sock}"],
+                               server=sock)),
             ]
             for op, ours_fn, theirs_fn in ops:
-                fresh()
-                t_ours, m_ours = median_of(ours_fn)
-                fresh()
-                t_q, m_q = median_of(theirs_fn)
+                shutil.copyfile(base, img)
+                t_ours, m_ours = ours_fn()
+                shutil.copyfile(base, img)
+                t_q, m_q = theirs_fn()
                 need = 10 if pattern == "sparse" else 2
                 speed = t_q / t_ours
                 ok = speed >= need and m_ours * 5 <= m_q
                 rows.append(dict(group="5 vs QEMU", metric=f"{op} {label} {pattern}", ours=t_ours, baseline=t_q,
                                  unit="s", ratio=speed, target=f">= {need}x, mem <= 1/5", pass_=ok,
-                                 note=f"peak RSS {m_ours / 1024:.1f} / {m_q / 1024:.1f} MiB",
+                                 note=f"peak RSS {m_ours / 1024:.1f} / {m_q / 1024:.1f} MiB; {floor}",
                                  ours_rss_kib=m_ours, baseline_rss_kib=m_q))
             os.unlink(base)
             os.unlink(img)
@@ -247,9 +213,8 @@ def item6(tmp):
     for label, size in (("1 GiB", GIB), ("1 TiB", TIB), ("16 TiB", 16 * TIB), ("64 TiB", 64 * TIB)):
         img = os.path.join(tmp, "scale.qcow2")
         make_image(img, size, 1, "sparse")
-        t, m = median_of(seq([QBM, "info", img]), runs=3)
-        t2, m2 = median_of(seq(["qemu-img", "info", img]), runs=3)
-        data = min(1000, size // (64 << 10) // (1 << 19) + 1)  # data clusters it must read
+        t, m = spawn([QBM, "info", img], runs=3)
+        t2, m2 = spawn(["qemu-img", "info", img], runs=3)
         rows.append(dict(group="6 scaling", metric=f"qbm info, {label}, 1 bitmap, 1,000 dirty granules", ours=t,
                          baseline=t2, unit="s", ratio=t2 / t, target="grows with data", pass_=None,
                          note=f"RSS {m / 1024:.1f} MiB (qemu-img {m2 / 1024:.1f}); "
@@ -260,8 +225,8 @@ def item6(tmp):
     for nb in (1, 10, 100, 1000):
         img = os.path.join(tmp, "scale.qcow2")
         make_image(img, GIB, nb, "sparse", 100)
-        t, m = median_of(seq([QBM, "info", img]), runs=3)
-        t2, m2 = median_of(seq(["qemu-img", "info", img]), runs=3)
+        t, m = spawn([QBM, "info", img], runs=3)
+        t2, m2 = spawn(["qemu-img", "info", img], runs=3)
         rows.append(dict(group="6 scaling", metric=f"qbm info, 1 GiB, {nb} bitmaps", ours=t, baseline=t2,
                          unit="s", ratio=t2 / t, target="grows with data", pass_=None,
                          note=f"RSS {m / 1024:.1f} MiB (qemu-img {m2 / 1024:.1f})",
@@ -323,11 +288,13 @@ def main():
     notes = [f"- {r['group']} {r['metric']}: {r['note']}" for r in rows if r.get("note")]
     print()
     print(f"load average during the run: {min(loads):.1f} .. {max(loads):.1f} (2 cores); "
-          f"{elapsed:.0f} s; medians of {RUNS} runs for whole processes")
+          f"{elapsed:.0f} s; whole processes: medians of {RUNS} runs (item 6: 3) after {WARMUP} warm-up, "
+          f"fork+exec..wait4 timed by bench/spawn, peak RSS from wait4's ru_maxrss")
     print("\n".join(notes))
     ratio_doc = "time rows: baseline/ours (>1 = we are faster); rate rows (MiB/s, GB/s): ours/baseline"
     print(ratio_doc)
     out = {"load_average": {"min": min(loads), "max": max(loads)}, "seconds": elapsed, "runs": RUNS,
+           "warmup": WARMUP, "process_timer": "bench/spawn: fork+exec..wait4, ru_maxrss",
            "ratio": ratio_doc,
            "rows": [{**{k: v for k, v in r.items() if k != "pass_"}, "pass": r["pass_"]} for r in rows]}
     with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
