@@ -225,8 +225,7 @@ impl State {
                 .expect("stored bitmaps keep their table");
             let geo = self.geometry(&slot.entry);
             let mut bytes = self.chunk_cache.take().map(|k| k.bytes).unwrap_or_default();
-            let read = self.read_chunk(&slot.entry.name, &geo, table, c, &mut bytes);
-            read?;
+            self.read_chunk(&slot.entry.name, &geo, table, c, &mut bytes)?;
             self.chunk_cache = Some(ChunkCache {
                 table_offset,
                 chunk: c,
