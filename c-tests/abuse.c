@@ -730,7 +730,9 @@ static void open_and_create(void)
     REFUSE(K_OPEN, qbm_open(cur.path, QBM_OPEN_RDWR, &out), -EBUSY, "lock");
     REFUSE(K_OPEN, qbm_open(cur.path, 0, &out), -EBUSY, "lock");
     REFUSE(K_FLAGS, qbm_open(cur.path, QBM_OPEN_RDWR | QBM_OPEN_FORCE_SHARE, &out), -EINVAL, "force-share");
-    REFUSE(K_FLAGS, qbm_open(cur.path, 8, &out), -EINVAL, "unknown open flags 0x8");
+    REFUSE(K_FLAGS, qbm_open(cur.path, QBM_OPEN_RDWR | QBM_OPEN_LAZY | QBM_OPEN_WRITE_INTENT, &out), -EINVAL,
+           "lazy");
+    REFUSE(K_FLAGS, qbm_open(cur.path, 16, &out), -EINVAL, "unknown open flags 0x10");
     REFUSE(K_FLAGS, qbm_open(cur.path, UINT32_MAX, &out), -EINVAL, "unknown open flags");
     expect(out == SENT);
 

@@ -209,7 +209,7 @@ static void open_failures(void)
     err(qbm_open(test_path("text.img"), QBM_OPEN_RDWR, &img), -EINVAL);
 
     /* Unknown open flags, even on a good image. */
-    err_msg(qbm_open(path, 1u << 3, &img), -EINVAL, "flags");
+    err_msg(qbm_open(path, 1u << 4, &img), -EINVAL, "flags");
     err(qbm_open(path, QBM_OPEN_RDWR | 0x80000000u, &img), -EINVAL);
     err(qbm_open(path, UINT32_MAX, &img), -EINVAL);
     expect(img == NULL);
