@@ -653,7 +653,12 @@ fn sigkill_child() {
                 loop {
                     let len = rng.range(1, 3 * 65536);
                     let off = rng.below(size - len);
-                    img.mark_dirty(off, len).unwrap();
+                    if let Err(e) = img.mark_dirty(off, len) {
+                        // Abort, not panic: unwinding would close the image
+                        // cleanly and hide the failure from the parent.
+                        eprintln!("mark_dirty({off}, {len}) failed: {e}");
+                        std::process::abort();
+                    }
                     log.write_all(format!("{off} {len}\n").as_bytes()).unwrap();
                 }
             });
@@ -725,7 +730,7 @@ fn sigkill_recovery() {
                 ])
                 .env(CHILD_ENV, &path)
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
+                .stderr(std::fs::File::create(format!("{}.stderr", path.display())).unwrap())
                 .spawn()
                 .unwrap();
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -738,7 +743,17 @@ fn sigkill_recovery() {
             }
             std::thread::sleep(Duration::from_micros(rng.below(40_000)));
             child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
+            let status = child.wait().unwrap();
+            {
+                use std::os::unix::process::ExitStatusExt;
+                // A child that ended by itself did not test a crash.
+                assert_eq!(
+                    status.signal(),
+                    Some(libc::SIGKILL),
+                    "cs {cs} g {g} round {round}: the child ended before the kill ({status}): {}",
+                    std::fs::read_to_string(format!("{}.stderr", path.display())).unwrap_or_default()
+                );
+            }
             kills += 1;
             let marks = logged_marks(&path);
             let full_check = tools;
