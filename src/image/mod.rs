@@ -6,6 +6,7 @@ mod allocator;
 mod bitmaps;
 mod check;
 mod create;
+mod densify;
 mod enabled;
 mod intent;
 mod layout;
@@ -240,6 +241,7 @@ impl Image {
             return Ok(());
         }
         let mut st = self.lock()?;
+        self.densify(&mut st);
         st.persist(false).map_err(|e| e.context(&self.name))
     }
 
@@ -270,9 +272,14 @@ impl Image {
             Some(end) if self.writable && end <= self.size.load(Ordering::Relaxed) => {}
             _ => return Err(self.mark_error(offset, length)),
         }
+        let mut wants_flat = false;
         self.enabled.for_each(|b| {
             b.mark_bytes(offset, length);
+            wants_flat |= b.bitmap().wants_flat();
         });
+        if wants_flat {
+            self.densify_soon();
+        }
         Ok(())
     }
 
@@ -293,7 +300,7 @@ impl Image {
         }
         // Write-intent marks take the guarded path: their durability check
         // walks more code than this path may (it must not be able to panic).
-        self.intent.is_none() && self.enabled.all(|m| m.mark_fast(offset, last))
+        self.intent.is_none() && self.enabled.mark_fast(offset, last)
     }
 
     #[cold]
