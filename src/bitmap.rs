@@ -83,6 +83,8 @@ pub struct DirtyBitmap {
     map: MmapMut,
     /// `map`'s first byte (the mapping never moves while `map` lives).
     base: *const u8,
+    /// The marking path's pointers into `map`.
+    hot: Hot,
     /// Blocks the arena can hold (`block_count + SPARE_BLOCKS`).
     arena_blocks: u64,
     /// Byte offsets of the summary and the table in `map`.
@@ -224,8 +226,19 @@ impl DirtyBitmap {
             // spare random marks most TLB misses (best effort; THP may be off).
             let _ = map.advise(memmap2::Advice::HugePage);
         }
+        let base = map.as_ptr();
+        let hot = Hot {
+            arena: base.cast(),
+            summary: base.wrapping_add(summary_off as usize).cast(),
+            table: if flat {
+                std::ptr::null()
+            } else {
+                base.wrapping_add(table_off as usize).cast()
+            },
+        };
         Ok(DirtyBitmap {
-            base: map.as_ptr(),
+            base,
+            hot,
             map,
             arena_blocks,
             summary_off: summary_off as usize,
@@ -451,17 +464,26 @@ impl DirtyBitmap {
     }
 
     /// The raw pointers of the marking path.
-    #[inline]
+    #[inline(always)]
     fn hot(&self) -> Hot {
-        Hot {
-            arena: self.base.cast(),
-            summary: self.base.wrapping_add(self.summary_off).cast(),
-            table: if self.flat {
-                std::ptr::null()
-            } else {
-                self.base.wrapping_add(self.table_off).cast()
-            },
+        self.hot
+    }
+
+    /// [`Marker::mark_fast`] (see there) without a marker.
+    #[inline(always)]
+    fn mark_fast(&self, offset: u64, last: u64) -> bool {
+        let g = self.granularity_bits;
+        let bit = offset.wrapping_shr(g);
+        if last >= self.size || bit != last.wrapping_shr(g) {
+            return false;
         }
+        // SAFETY: `hot` points into `self`'s mapping, and
+        // `bit <= last >> g < bit_count` since `last < size`.
+        if unsafe { self.hot.set_installed_bit(bit) }.is_none() {
+            return false;
+        }
+        // As in `Marker::mark_fast`.
+        self.state.load(SeqCst) == MODIFIED
     }
 
     /// Next dirty extent in guest bytes at or after `from`, as `(start, len)`,
@@ -1480,77 +1502,6 @@ impl Hot {
     }
 }
 
-/// One bitmap's word for a bit, loaded, and what else marking it touches
-/// (see `HotSet::mark_fast`).
-#[derive(Clone, Copy)]
-struct HotWord {
-    word: *const AtomicU64,
-    mask: u64,
-    value: u64,
-    summary: *const AtomicU64,
-    sbit: u64,
-    bitmap: *const DirtyBitmap,
-}
-
-impl Hot {
-    /// The word of `bit` with its value, if its block is installed (the
-    /// first half of `set_installed_bit`).
-    ///
-    /// # Safety
-    /// As for `set_installed_bit`; `bitmap` is the bitmap `self` points into.
-    #[inline(always)]
-    unsafe fn installed_word(self, bit: u64, bitmap: *const DirtyBitmap) -> Option<HotWord> {
-        let b = bit / BLOCK_BITS;
-        let w = bit / WORD_BITS;
-        let index = if self.table.is_null() {
-            w
-        } else {
-            // SAFETY: as in `set_installed_bit`.
-            let id = unsafe { &*self.table.add(b as usize) }.load(Acquire);
-            if id == NO_BLOCK {
-                return None;
-            }
-            u64::from(id)
-                .wrapping_sub(1)
-                .wrapping_mul(BLOCK_WORDS)
-                .wrapping_add(w % BLOCK_WORDS)
-        };
-        // SAFETY: as in `set_installed_bit`.
-        let word = unsafe { self.arena.add(index as usize) };
-        Some(HotWord {
-            word,
-            mask: 1u64 << (bit % WORD_BITS),
-            // SAFETY: `word` lies in the arena (above). SeqCst: see `or_word`.
-            value: unsafe { &*word }.load(SeqCst),
-            // SAFETY: `b < block_count`: inside the summary.
-            summary: unsafe { self.summary.add((b / SUMMARY_BITS) as usize) },
-            sbit: 1u64 << (b % SUMMARY_BITS),
-            bitmap,
-        })
-    }
-}
-
-impl HotWord {
-    /// The second half of `set_installed_bit`, then the check of
-    /// `Marker::mark_fast`: true if the mark is complete.
-    ///
-    /// # Safety
-    /// `self` comes from `installed_word`, and its bitmap is alive.
-    #[inline(always)]
-    unsafe fn set(self) -> bool {
-        // SAFETY: pointers into the live bitmap's mapping (`installed_word`).
-        let (word, slot) = unsafe { (&*self.word, &*self.summary) };
-        if self.value & self.mask == 0 {
-            word.fetch_or(self.mask, SeqCst);
-        }
-        if slot.load(SeqCst) & self.sbit == 0 {
-            slot.fetch_or(self.sbit, SeqCst);
-        }
-        // SAFETY: the bitmap is alive (caller).
-        unsafe { &*self.bitmap }.state.load(SeqCst) == MODIFIED
-    }
-}
-
 /// What marking needs of one bitmap, copied out of it so that a mark follows
 /// no pointer but into the bitmap's own memory. Holds the bitmap alive.
 pub struct Marker {
@@ -1629,34 +1580,26 @@ impl Marker {
 /// How many enabled bitmaps [`HotSet`] holds inline.
 pub const HOT_MAX: usize = 4;
 
-/// One bitmap's marking pointers in a [`HotSet`]: a [`Hot`] and the checks
-/// around it, each field atomic so that a torn read is a value, not UB.
-#[derive(Default)]
-struct HotEntry {
-    bitmap: AtomicPtr<DirtyBitmap>,
-    arena: AtomicPtr<AtomicU64>,
-    summary: AtomicPtr<AtomicU64>,
-    table: AtomicPtr<AtomicU32>,
-    size: AtomicU64,
-    granularity_bits: AtomicU32,
-}
-
-/// The marking pointers of the first [`HOT_MAX`] enabled bitmaps, inline
-/// and guarded by a sequence lock, so that a mark reads them from the
-/// image's own memory (one cache line or two) and goes straight to the
-/// bitmap words: no list to find, no pointer to follow first. Writers
-/// (serialised by `keep`'s lock) make the sequence odd while they change
-/// entries; a marker that reads an odd or changed sequence ignores what it
-/// read (`None`: use the published lists instead).
+/// The first [`HOT_MAX`] enabled bitmaps, inline: a mark reads one pointer
+/// per bitmap from the image's own memory and goes straight to the
+/// bitmap's precomputed marking pointers (`DirtyBitmap::hot`), with no
+/// list to find first.
+///
+/// Entries are written one by one while markers read them, so a marker may
+/// see a mix of two sets. Each bitmap it marks was enabled at some moment
+/// of its call, which marking allows; but a bitmap enabled throughout
+/// could be missed (it moved to another entry), so the set is guarded by a
+/// sequence number, odd while a writer changes entries: a marker whose
+/// sequence changed reports it (`None`) and the caller marks again through
+/// the published lists.
 ///
 /// Every bitmap ever published here stays alive in `keep` until the set is
-/// dropped, so a pointer read from a consistent snapshot always points into
-/// a live bitmap, whatever was published since.
+/// dropped, so a pointer read from an entry always points to a live bitmap.
 pub struct HotSet {
     seq: AtomicU64,
     /// Entries in use; `usize::MAX` when more bitmaps are enabled than fit.
     len: AtomicUsize,
-    entries: [HotEntry; HOT_MAX],
+    entries: [AtomicPtr<DirtyBitmap>; HOT_MAX],
     keep: Mutex<Vec<Arc<DirtyBitmap>>>,
 }
 
@@ -1691,17 +1634,13 @@ impl HotSet {
         fence(Release);
         if fits {
             for (e, bm) in self.entries.iter().zip(bitmaps) {
-                let hot = bm.hot();
-                e.bitmap.store(Arc::as_ptr(bm).cast_mut(), Relaxed);
-                e.arena.store(hot.arena.cast_mut(), Relaxed);
-                e.summary.store(hot.summary.cast_mut(), Relaxed);
-                e.table.store(hot.table.cast_mut(), Relaxed);
-                e.size.store(bm.size, Relaxed);
-                e.granularity_bits.store(bm.granularity_bits, Relaxed);
+                // Release: a marker that reads the pointer sees the bitmap.
+                e.store(Arc::as_ptr(bm).cast_mut(), Release);
             }
         }
         let len = if fits { bitmaps.len() } else { usize::MAX };
-        self.len.store(len, Relaxed);
+        // Release: a marker that reads `len` sees as many entries set.
+        self.len.store(len, Release);
         self.seq.store(seq.wrapping_add(2), Release);
     }
 
@@ -1719,55 +1658,27 @@ impl HotSet {
     #[inline(always)]
     pub fn mark_fast(&self, offset: u64, last: u64) -> Option<bool> {
         let seq = self.seq.load(Acquire);
-        let len = self.len.load(Relaxed);
+        let len = self.len.load(Acquire);
         if seq & 1 != 0 || len > HOT_MAX {
             return None;
         }
-        // Each entry is checked against the sequence before it is used. A
-        // change part way through may leave some bitmaps of the older set
-        // marked, which is harmless: the caller then marks the whole
-        // current list anyway. Two passes: every bitmap's word is loaded
-        // before any is changed, so that their cache misses overlap.
-        let mut words: [Option<HotWord>; HOT_MAX] = [None; HOT_MAX];
-        for (slot, e) in words.iter_mut().zip(&self.entries).take(len) {
-            let bitmap = e.bitmap.load(Relaxed);
-            let hot = Hot {
-                arena: e.arena.load(Relaxed),
-                summary: e.summary.load(Relaxed),
-                table: e.table.load(Relaxed),
-            };
-            let size = e.size.load(Relaxed);
-            let g = e.granularity_bits.load(Relaxed);
-            // Orders the entry loads before the second sequence load (pairs
-            // with the writer's fence).
-            fence(Acquire);
-            if self.seq.load(Relaxed) != seq {
-                return None;
-            }
-            let bit = offset.wrapping_shr(g);
-            if last >= size || bit != last.wrapping_shr(g) {
+        for e in self.entries.iter().take(len) {
+            let p = e.load(Acquire);
+            if p.is_null() {
                 return Some(false);
             }
-            // SAFETY: the sequence did not change while the entry was read,
-            // so it is as `publish` wrote it: pointers into the mapping of
-            // the bitmap `bitmap`, with that bitmap's size and granularity.
-            // `keep` holds that bitmap alive as long as `self`, which
-            // outlives this call, and a mapping never moves or goes away
-            // while its bitmap lives. `bit <= last >> g < bit_count` since
-            // `last < size`.
-            *slot = unsafe { hot.installed_word(bit, bitmap) };
-            if slot.is_none() {
+            // SAFETY: every non-null pointer ever stored in an entry is that
+            // of a bitmap `keep` holds until `self` is dropped, and `self`
+            // outlives this call.
+            let bm = unsafe { &*p };
+            if !bm.mark_fast(offset, last) {
                 return Some(false);
             }
         }
-        for w in words.iter().take(len).flatten() {
-            // SAFETY: as above; `w` was made by `installed_word` from a
-            // consistent entry of a bitmap that `keep` holds.
-            if !unsafe { w.set() } {
-                return Some(false);
-            }
-        }
-        Some(true)
+        // Orders the entry loads before the second sequence load (pairs
+        // with the writer's fence).
+        fence(Acquire);
+        (self.seq.load(Relaxed) == seq).then_some(true)
     }
 }
 

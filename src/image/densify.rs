@@ -47,22 +47,32 @@ impl Image {
             if !old.wants_flat() || old.is_flat() {
                 continue;
             }
+            // Every mark raises the flag, even of bits already set (see
+            // `DirtyBitmap::set_bits`), before it looks for a successor: with
+            // the flag cleared first, a flag still clear once marks are
+            // forwarded proves that no mark landed in `old` alone during the
+            // copy. Flushes, which also clear it, wait for the state lock.
+            let was_modified = old.take_modified();
             let new = match old.flat_copy() {
                 Ok(new) => Arc::new(new),
                 Err(_) => {
+                    if was_modified {
+                        old.set_modified();
+                    }
                     // Out of memory: stay sparse until a later install asks again.
                     old.drop_flat_request();
                     continue;
                 }
             };
-            // From here every mark of `old` also marks `new`; the marks that
-            // landed in `old` during the copy are ORed in after.
+            // From here every mark of `old` also marks `new`.
             old.forward_to(new.clone());
-            new.absorb(old);
-            // A mark that raised `old`'s flag before the forwarding is in
-            // `new` now; one after it raised `new`'s own. Flushes, which
-            // clear the flag, wait for the state lock we hold.
-            if old.is_modified() {
+            let marked = old.is_modified();
+            if marked {
+                // Marks landed during the copy: OR them in (a second pass
+                // over the bitmap, as long as the copy).
+                new.absorb(old);
+            }
+            if was_modified || marked {
                 new.set_modified();
             }
             retired.extend(slot.data.replace(new));
