@@ -250,7 +250,7 @@ impl State {
         let mut bm = DirtyBitmap::for_load(self.header.size, gb, present)
             .map_err(|e| Error::io(format!("allocating memory for bitmap '{}'", entry.name), e))?;
         let total = bm.serialized_len();
-        let max_run = (IO_CHUNK / cs).max(1) as usize;
+        let max_run = (bm.load_chunk(IO_CHUNK) / cs).max(1) as usize;
         let mut buf = Vec::new();
         let mut i = 0;
         while i < table.len() {
