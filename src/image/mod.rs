@@ -277,7 +277,9 @@ impl Image {
             b.mark_bytes(offset, length);
             wants_flat |= b.bitmap().wants_flat();
         });
-        if wants_flat {
+        // Write-intent images never switch (densify.rs), and all their marks
+        // come this way: no lock attempt per mark for them.
+        if wants_flat && self.intent.is_none() {
             self.densify_soon();
         }
         Ok(())
