@@ -17,6 +17,13 @@
 //! live in one anonymous mapping that the kernel commits page by page on
 //! first write, so nothing is allocated on the marking path.
 //!
+//! A dense bitmap is better off flat: block `b` at arena block `b + 1`, so
+//! the arena is the serialized bitmap and a mark needs no table load (a
+//! cache and TLB miss at random over a large disk). A bitmap is created or
+//! loaded in the flat layout when it is known to be dense, and a sparse one
+//! asks for a flat copy (`wants_flat`) when it becomes dense; see
+//! `flat_is_better` for when, and image/densify.rs for the swap.
+//!
 //! Installing a block is lock-free: the first marker of a block takes a free
 //! block (from a stack of returned blocks, else the next arena block) and
 //! installs it with a compare-and-swap; a thread that loses the race returns
