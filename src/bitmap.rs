@@ -17,6 +17,13 @@
 //! live in one anonymous mapping that the kernel commits page by page on
 //! first write, so nothing is allocated on the marking path.
 //!
+//! A dense bitmap is better off flat: block `b` at arena block `b + 1`, so
+//! the arena is the serialized bitmap and a mark needs no table load (a
+//! cache and TLB miss at random over a large disk). A bitmap is created or
+//! loaded in the flat layout when it is known to be dense, and a sparse one
+//! asks for a flat copy (`wants_flat`) when it becomes dense; see
+//! `flat_is_better` for when, and image/densify.rs for the swap.
+//!
 //! Installing a block is lock-free: the first marker of a block takes a free
 //! block (from a stack of returned blocks, else the next arena block) and
 //! installs it with a compare-and-swap; a thread that loses the race returns
@@ -42,8 +49,10 @@ use std::fmt;
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
+};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use memmap2::{MmapMut, UncheckedAdvice};
 
@@ -63,6 +72,15 @@ const NO_BLOCK: u32 = 0;
 const MODIFIED: u8 = 1;
 /// `DirtyBitmap::state` bits: `successor` is set, marks are forwarded.
 const FORWARD: u8 = 2;
+/// A flat map commits memory by the page: 32 blocks.
+const PAGE_BYTES: u64 = 4096;
+const PAGE_BLOCKS: u64 = PAGE_BYTES / BLOCK_BYTES;
+/// Table entries per page of the sparse layout's table.
+const TABLE_PAGE_BLOCKS: u64 = PAGE_BYTES / 4;
+/// A sparse bitmap weighs the layouts every this many block installs (a
+/// scan of the summary: 32 KiB for 16 TiB at 64 KiB, once per 128 KiB of
+/// blocks installed).
+const DENSITY_CHECK_EVERY: u64 = 1024;
 
 /// A dirty bitmap over a virtual disk; all methods take `&self` and are safe to
 /// call concurrently.
@@ -72,6 +90,8 @@ pub struct DirtyBitmap {
     map: MmapMut,
     /// `map`'s first byte (the mapping never moves while `map` lives).
     base: *const u8,
+    /// The marking path's pointers into `map`.
+    hot: Hot,
     /// Blocks the arena can hold (`block_count + SPARE_BLOCKS`).
     arena_blocks: u64,
     /// Byte offsets of the summary and the table in `map`.
@@ -82,6 +102,16 @@ pub struct DirtyBitmap {
     word_count: u64,
     /// Number of blocks covering the words (`ceil(word_count / 16)`).
     block_count: u64,
+    /// Flat layout: block `b` is arena block `b + 1` (the arena is the
+    /// serialized bitmap itself, every block present) and there is no
+    /// table. Chosen for dense bitmaps, where it costs no more memory and
+    /// saves the table load on every mark (see `flat_is_better`).
+    flat: bool,
+    /// Sparse layout: set by a block install that found the flat layout no
+    /// more costly; the image then swaps in a flat copy (image/densify.rs).
+    wants_flat: AtomicBool,
+    /// Flat layout, while loading: pages written by direct reads.
+    loaded_pages: u64,
     /// Arena blocks handed out from the end so far (may overshoot `arena_blocks`).
     next_block: AtomicU64,
     /// Stack of returned blocks: low 32 bits the top block number (0 = empty),
@@ -145,6 +175,31 @@ impl DirtyBitmap {
     /// Fails with `InvalidInput` for other granularities and `OutOfMemory`
     /// when the bitmap cannot be addressed or mapped.
     pub fn new(size: u64, granularity_bits: u32) -> io::Result<DirtyBitmap> {
+        DirtyBitmap::with_layout(size, granularity_bits, false)
+    }
+
+    /// [`DirtyBitmap::new`] in the flat layout (see `flat`): for bitmaps
+    /// known to be dense.
+    pub fn new_flat(size: u64, granularity_bits: u32) -> io::Result<DirtyBitmap> {
+        DirtyBitmap::with_layout(size, granularity_bits, true)
+    }
+
+    /// An empty bitmap about to be loaded with [`DirtyBitmap::load_with`]
+    /// from stored data of which `present_bytes` are in data or all-ones
+    /// clusters: flat when most of it is, since a dense bitmap then loads
+    /// by reading straight into place. [`DirtyBitmap::finish_load`] settles
+    /// the layout once the bits are known.
+    pub fn for_load(
+        size: u64,
+        granularity_bits: u32,
+        present_bytes: u64,
+    ) -> io::Result<DirtyBitmap> {
+        let serialized = size.div_ceil(1 << granularity_bits.min(63)).div_ceil(8);
+        let dense = present_bytes.saturating_mul(4) >= serialized.saturating_mul(3);
+        DirtyBitmap::with_layout(size, granularity_bits, dense && serialized > 0)
+    }
+
+    fn with_layout(size: u64, granularity_bits: u32, flat: bool) -> io::Result<DirtyBitmap> {
         if !(9..=31).contains(&granularity_bits) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -155,7 +210,12 @@ impl DirtyBitmap {
         let bit_count = size.div_ceil(1 << granularity_bits);
         let word_count = bit_count.div_ceil(WORD_BITS);
         let block_count = word_count.div_ceil(BLOCK_WORDS);
-        let arena_blocks = block_count + SPARE_BLOCKS;
+        // Flat: one arena block per block, nothing else is ever handed out.
+        let arena_blocks = if flat {
+            block_count.max(1)
+        } else {
+            block_count + SPARE_BLOCKS
+        };
         // Block numbers are u32 and 0 means "none".
         if arena_blocks >= u64::from(u32::MAX) {
             return Err(too_big());
@@ -164,11 +224,28 @@ impl DirtyBitmap {
         let arena_len = arena_blocks * BLOCK_BYTES;
         let summary_off = arena_len;
         let table_off = summary_off + summary_words * 8;
-        let map_len = table_off + block_count * 4;
+        let table_len = if flat { 0 } else { block_count };
+        let map_len = table_off + table_len * 4;
         let map_len = usize::try_from(map_len).map_err(|_| too_big())?;
         let map = MmapMut::map_anon(map_len)?;
+        if flat {
+            // Dense by construction: huge pages cost little more memory and
+            // spare random marks most TLB misses (best effort; THP may be off).
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        let base = map.as_ptr();
+        let hot = Hot {
+            arena: base.cast(),
+            summary: base.wrapping_add(summary_off as usize).cast(),
+            table: if flat {
+                std::ptr::null()
+            } else {
+                base.wrapping_add(table_off as usize).cast()
+            },
+        };
         Ok(DirtyBitmap {
-            base: map.as_ptr(),
+            base,
+            hot,
             map,
             arena_blocks,
             summary_off: summary_off as usize,
@@ -176,6 +253,9 @@ impl DirtyBitmap {
             table_off: table_off as usize,
             word_count,
             block_count,
+            flat,
+            wants_flat: AtomicBool::new(false),
+            loaded_pages: 0,
             next_block: AtomicU64::new(0),
             free_head: AtomicU64::new(0),
             size,
@@ -391,13 +471,26 @@ impl DirtyBitmap {
     }
 
     /// The raw pointers of the marking path.
-    #[inline]
+    #[inline(always)]
     fn hot(&self) -> Hot {
-        Hot {
-            arena: self.base.cast(),
-            summary: self.base.wrapping_add(self.summary_off).cast(),
-            table: self.base.wrapping_add(self.table_off).cast(),
+        self.hot
+    }
+
+    /// [`Marker::mark_fast`] (see there) without a marker.
+    #[inline(always)]
+    fn mark_fast(&self, offset: u64, last: u64) -> bool {
+        let g = self.granularity_bits;
+        let bit = offset.wrapping_shr(g);
+        if last >= self.size || bit != last.wrapping_shr(g) {
+            return false;
         }
+        // SAFETY: `hot` points into `self`'s mapping, and
+        // `bit <= last >> g < bit_count` since `last < size`.
+        if unsafe { self.hot.set_installed_bit(bit) }.is_none() {
+            return false;
+        }
+        // As in `Marker::mark_fast`.
+        self.state.load(SeqCst) == MODIFIED
     }
 
     /// Next dirty extent in guest bytes at or after `from`, as `(start, len)`,
@@ -447,13 +540,23 @@ impl DirtyBitmap {
             }
             return changed;
         }
+        let (changed, any) = self.or_blocks_of(other);
+        // As in `set_bits`: raised even when nothing changed.
+        if any {
+            self.note_modified();
+        }
+        changed
+    }
+
+    /// ORs every block of `other` (same granularity) into `self`, dropping
+    /// bits past `self.bit_count()`; (any bit changed, any bit was set).
+    fn or_blocks_of(&self, other: &DirtyBitmap) -> (bool, bool) {
         let mut changed = false;
         let mut any = false;
-        for b in other.flagged_blocks(0, u64::MAX) {
+        other.for_each_flagged_block(|b, src| {
             if b >= self.block_count {
-                break;
+                return;
             }
-            let Some(src) = other.block(b) else { continue };
             let mut words = [0u64; BLOCK_WORDS as usize];
             for (i, (d, s)) in words.iter_mut().zip(src).enumerate() {
                 let w = b * BLOCK_WORDS + i as u64;
@@ -463,12 +566,45 @@ impl DirtyBitmap {
                 }
             }
             changed |= self.or_block(b, &words);
+        });
+        (changed, any)
+    }
+
+    /// Calls `f(b, words)` on every flagged block, in the order the blocks
+    /// lie in memory: for a sparse bitmap that is arena order, since a walk
+    /// by block number jumps around the arena (a cache and TLB miss per
+    /// block, which made copying a full 16 TiB bitmap take ~70 ms instead
+    /// of a few). A block installed during the walk may be missed.
+    fn for_each_flagged_block(&self, mut f: impl FnMut(u64, &[AtomicU64])) {
+        if self.flat {
+            for b in self.flagged_blocks(0, u64::MAX) {
+                f(b, self.block_at(b as u32 + 1));
+            }
+            return;
         }
-        // As in `set_bits`: raised even when nothing changed.
-        if any {
-            self.note_modified();
+        let handed_out = self.next_block.load(Relaxed).min(self.arena_blocks);
+        if handed_out < 64 {
+            // A few blocks: not worth the map.
+            for b in self.flagged_blocks(0, u64::MAX) {
+                if let Some(blk) = self.block(b) {
+                    f(b, blk);
+                }
+            }
+            return;
         }
-        changed
+        // The block each arena block holds.
+        let mut owner = vec![u32::MAX; handed_out as usize];
+        for (b, t) in self.table().iter().enumerate() {
+            let id = t.load(Acquire);
+            if let Some(o) = owner.get_mut((id as usize).wrapping_sub(1)) {
+                *o = b as u32;
+            }
+        }
+        for (i, &b) in owner.iter().enumerate() {
+            if b != u32::MAX && self.block_flagged(u64::from(b)) {
+                f(u64::from(b), self.block_at(i as u32 + 1));
+            }
+        }
     }
 
     // ---- serialization ----
@@ -575,10 +711,7 @@ impl DirtyBitmap {
                 continue;
             }
             changed = true;
-            let slot = &self.table()[b as usize];
-            let id = slot.load(Relaxed);
-            if id != NO_BLOCK {
-                let blk = self.block_at(id);
+            if let Some(blk) = self.block(b) {
                 for (word, v) in blk.iter().zip(&words) {
                     word.store(word.load(Relaxed) | v, Relaxed);
                 }
@@ -602,6 +735,9 @@ impl DirtyBitmap {
     /// are about to fill: one madvise instead of a page fault per 4 KiB.
     /// Pages for zero blocks are not touched, so sparse loads stay small.
     fn populate_for(&self, data: &[u8]) {
+        if self.flat {
+            return; // the pages fault in where the blocks go
+        }
         let blocks = data
             .chunks_exact(BLOCK_BYTES as usize)
             .filter(|b| b.chunks_exact(8).any(|w| w != [0; 8]))
@@ -711,6 +847,230 @@ impl DirtyBitmap {
         let _ = unsafe { self.map.unchecked_advise(UncheckedAdvice::DontNeed) };
     }
 
+    // ---- layout (see `flat`) ----
+
+    /// True in the flat layout.
+    pub fn is_flat(&self) -> bool {
+        self.flat
+    }
+
+    /// True when a block install of this sparse bitmap found the flat layout
+    /// better (see `flat_is_better`): its owner swaps in a
+    /// [`DirtyBitmap::flat_copy`] when it safely can.
+    pub fn wants_flat(&self) -> bool {
+        self.wants_flat.load(Relaxed)
+    }
+
+    /// Forgets a [`DirtyBitmap::wants_flat`] request (the copy failed); a
+    /// later install asks again.
+    pub fn drop_flat_request(&self) {
+        self.wants_flat.store(false, Relaxed);
+    }
+
+    /// A flat bitmap of the same geometry holding the bits of `self`, not
+    /// flagged modified. Bits set while it copies may be missed: callers
+    /// forward marks to the copy, then [`DirtyBitmap::absorb`] `self` again.
+    pub fn flat_copy(&self) -> io::Result<DirtyBitmap> {
+        let flat = DirtyBitmap::new_flat(self.size, self.granularity_bits)?;
+        if self.usage().pages * 2 >= flat.total_pages() {
+            flat.populate(0, flat.summary_off);
+        }
+        self.for_each_flagged_block(|b, src| {
+            // Plain stores: nobody else sees `flat` yet.
+            for (d, s) in flat.block_at(b as u32 + 1).iter().zip(src) {
+                d.store(s.load(Relaxed), Relaxed);
+            }
+        });
+        // After the data: a block flagged since the walk above reads as
+        // "may hold bits", which is all a summary bit promises.
+        for (d, s) in flat.summary().iter().zip(self.summary()) {
+            d.store(s.load(Relaxed), Relaxed);
+        }
+        Ok(flat)
+    }
+
+    /// ORs the bits of `other` (same geometry) into `self` without raising
+    /// `modified`: the last step of a copy whose modified state the caller
+    /// sets.
+    pub fn absorb(&self, other: &DirtyBitmap) {
+        if !std::ptr::eq(self, other) && self.granularity_bits == other.granularity_bits {
+            self.or_blocks_of(other);
+        }
+    }
+
+    /// Flagged blocks, the flat-map pages and the table pages they lie in,
+    /// counted from the summary.
+    fn usage(&self) -> Usage {
+        let mut u = Usage::default();
+        // 16 summary words: 1024 blocks, one 4 KiB page of table.
+        let words_per_table_page = (TABLE_PAGE_BLOCKS / SUMMARY_BITS) as usize;
+        for group in self.summary().chunks(words_per_table_page) {
+            let mut any = 0;
+            for s in group {
+                let v = s.load(Relaxed);
+                u.blocks += u64::from(v.count_ones());
+                u.pages += u64::from(v as u32 != 0) + u64::from(v >> 32 != 0);
+                any |= v;
+            }
+            u.table_pages += u64::from(any != 0);
+        }
+        u
+    }
+
+    /// Pages of a flat map.
+    fn total_pages(&self) -> u64 {
+        self.block_count.div_ceil(PAGE_BLOCKS)
+    }
+
+    /// The install-time check of a sparse bitmap (see `DENSITY_CHECK_EVERY`).
+    fn sparse_prefers_flat(&self) -> bool {
+        let u = self.usage();
+        let sparse = self.allocated_block_bytes() + u.table_pages * PAGE_BYTES;
+        flat_is_better(u.pages * PAGE_BYTES, sparse, u.pages, self.total_pages())
+    }
+
+    /// Commits arena bytes `[start, end)` in one call (rounded out to pages;
+    /// best effort: kernels before 5.14 refuse it, and the pages fault in).
+    fn populate(&self, start: usize, end: usize) {
+        let page = PAGE_BYTES as usize;
+        let (start, end) = (start / page * page, end.div_ceil(page) * page);
+        let end = end.min(self.summary_off);
+        if start < end {
+            let _ = self
+                .map
+                .advise_range(memmap2::Advice::PopulateWrite, start, end - start);
+        }
+    }
+
+    /// Loads `len` stored bytes at serialized offset `byte_offset`, which
+    /// `read` fills in. A flat bitmap reads them straight into place when
+    /// that range holds no bits yet: the arena is the serialized bitmap, so
+    /// loading is the read itself plus a scan for the summary. Otherwise they
+    /// go through `buf` and [`DirtyBitmap::load_serialized`]. A flat bitmap
+    /// whose data turn out sparse becomes sparse on the way. Call
+    /// [`DirtyBitmap::finish_load`] after the last piece.
+    pub fn load_with<E>(
+        &mut self,
+        byte_offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if let Some(range) = self.direct_range(byte_offset, len) {
+            self.populate(range.start, range.end);
+            let dst = &mut self.map[range.clone()];
+            if let Err(e) = read(dst) {
+                // Keep "clear summary bit => zero block" true.
+                dst.fill(0);
+                return Err(e);
+            }
+            self.loaded_directly(range);
+            return Ok(());
+        }
+        buf.resize(len, 0);
+        read(buf)?;
+        self.load_serialized(byte_offset, buf);
+        Ok(())
+    }
+
+    /// How many stored bytes to read at once when loading: `default`, or
+    /// for a flat bitmap (which reads straight into place) at most 512 KiB:
+    /// the scan for the summary then finds the piece still in the cache,
+    /// and the device's read-ahead runs on while it does (measured: larger
+    /// pieces load slower from a cold cache).
+    pub fn load_chunk(&self, default: u64) -> u64 {
+        if self.flat {
+            default.min(512 << 10)
+        } else {
+            default
+        }
+    }
+
+    /// The arena bytes a direct load of `len` bytes at `byte_offset` would
+    /// fill, if it may: flat, inside the bitmap, and no bit set there yet.
+    fn direct_range(&self, byte_offset: u64, len: usize) -> Option<Range<usize>> {
+        let end = byte_offset.checked_add(len as u64)?;
+        if !self.flat || len == 0 || end > self.serialized_len() {
+            return None;
+        }
+        let (first, last) = (byte_offset / BLOCK_BYTES, (end - 1) / BLOCK_BYTES);
+        if self.next_flagged_block(first, last).is_some() {
+            return None;
+        }
+        Some(usize::try_from(byte_offset).ok()?..usize::try_from(end).ok()?)
+    }
+
+    /// After a direct read into arena bytes `range`: drops bits past
+    /// `bit_count` (on disk they should be 0), flags the blocks that hold
+    /// bits, and turns a flat bitmap that proves sparse into a sparse one.
+    fn loaded_directly(&mut self, range: Range<usize>) {
+        let last_word = self.word_count - 1; // > 0 bytes were loaded
+        if range.end as u64 > last_word * 8 {
+            let w = &self.arena()[last_word as usize];
+            w.store(
+                w.load(Relaxed) & word_mask(last_word, 0, self.bit_count),
+                Relaxed,
+            );
+        }
+        let block = BLOCK_BYTES as usize;
+        let (first, last) = (range.start / block, (range.end - 1) / block);
+        let mut flags = 0u64;
+        let mut flag_word = first as u64 / SUMMARY_BITS;
+        for b in first..=last {
+            let bytes = &self.map[b * block..(b + 1) * block];
+            let any = bytes.chunks_exact(8).fold(0, |a, c| {
+                a | u64::from_ne_bytes(c.try_into().expect("8 bytes"))
+            });
+            let b = b as u64;
+            if b / SUMMARY_BITS != flag_word {
+                self.summary()[flag_word as usize].fetch_or(flags, Relaxed);
+                (flags, flag_word) = (0, b / SUMMARY_BITS);
+            }
+            flags |= u64::from(any != 0) << (b % SUMMARY_BITS);
+        }
+        self.summary()[flag_word as usize].fetch_or(flags, Relaxed);
+        let page = PAGE_BYTES as usize;
+        self.loaded_pages += (range.end.div_ceil(page) - range.start / page) as u64;
+        self.note_modified();
+        // Scattered bits: the flat map commits a page where sparse needs a
+        // block. Give it up once it costs clearly more (the final choice is
+        // made by `finish_load`).
+        let u = self.usage();
+        let sparse = u.blocks * BLOCK_BYTES + u.table_pages * PAGE_BYTES;
+        if self.loaded_pages * PAGE_BYTES > sparse + sparse / 4 + (256 << 10) {
+            self.relayout(false);
+        }
+    }
+
+    /// Settles the layout of a freshly loaded bitmap by `flat_is_better`.
+    pub fn finish_load(&mut self) {
+        let u = self.usage();
+        let sparse = u.blocks * BLOCK_BYTES + u.table_pages * PAGE_BYTES;
+        let flat = self.loaded_pages.max(u.pages) * PAGE_BYTES;
+        let want_flat = flat_is_better(flat, sparse, u.pages, self.total_pages());
+        if want_flat != self.flat {
+            self.relayout(want_flat);
+        }
+        self.loaded_pages = 0;
+        self.drop_flat_request();
+    }
+
+    /// Replaces a bitmap nobody else sees by a copy in the other layout;
+    /// keeps this one if memory for the copy runs out.
+    fn relayout(&mut self, flat: bool) {
+        let copy = if flat {
+            self.flat_copy()
+        } else {
+            DirtyBitmap::new(self.size, self.granularity_bits).inspect(|c| c.absorb(self))
+        };
+        if let Ok(copy) = copy {
+            if self.is_modified() {
+                copy.set_modified();
+            }
+            *self = copy;
+        }
+    }
+
     // ---- private helpers ----
 
     fn arena(&self) -> &[AtomicU64] {
@@ -740,14 +1100,16 @@ impl DirtyBitmap {
         }
     }
 
+    /// The table (empty in the flat layout).
     fn table(&self) -> &[AtomicU32] {
+        let len = if self.flat { 0 } else { self.block_count };
         // SAFETY: `table_off` is a multiple of 8 (it follows the summary words),
-        // so aligned for AtomicU32; `block_count * 4` bytes from it end the map
-        // (see `new`) and are accessed only through this atomic view.
+        // so aligned for AtomicU32; `len * 4` bytes from it end the map
+        // (see `with_layout`) and are accessed only through this atomic view.
         unsafe {
             std::slice::from_raw_parts(
                 self.base.add(self.table_off).cast::<AtomicU32>(),
-                self.block_count as usize,
+                len as usize,
             )
         }
     }
@@ -762,6 +1124,10 @@ impl DirtyBitmap {
     /// Words of block `b`, if it exists.
     #[inline]
     fn block(&self, b: u64) -> Option<&[AtomicU64]> {
+        if self.flat {
+            // b < block_count < u32::MAX (see `with_layout`).
+            return Some(self.block_at(b as u32 + 1));
+        }
         let id = self.table()[b as usize].load(Acquire);
         (id != NO_BLOCK).then(|| self.block_at(id))
     }
@@ -803,7 +1169,12 @@ impl DirtyBitmap {
             }
         }
         match self.table()[b as usize].compare_exchange(NO_BLOCK, id, AcqRel, Acquire) {
-            Ok(_) => (blk, true),
+            Ok(_) => {
+                if u64::from(id) % DENSITY_CHECK_EVERY == 0 && self.sparse_prefers_flat() {
+                    self.wants_flat.store(true, Relaxed);
+                }
+                (blk, true)
+            }
             Err(winner) => {
                 self.free_block(id);
                 (self.block_at(winner), false)
@@ -1064,6 +1435,26 @@ impl DirtyBitmap {
     }
 }
 
+/// What a bitmap's summary says about its memory (see `DirtyBitmap::usage`).
+#[derive(Default)]
+struct Usage {
+    /// Flagged blocks.
+    blocks: u64,
+    /// 4 KiB pages of a flat map holding flagged blocks.
+    pages: u64,
+    /// 4 KiB pages of a sparse table naming flagged blocks.
+    table_pages: u64,
+}
+
+/// Whether a bitmap should be flat: its flat map would commit `flat_bytes`
+/// (`pages` of its `total_pages` pages), no more than the sparse layout's
+/// `sparse_bytes`, and at least three quarters of the flat map is committed
+/// already, so that later marks can never make it cost more than a third
+/// above what the sparse layout would.
+fn flat_is_better(flat_bytes: u64, sparse_bytes: u64, pages: u64, total_pages: u64) -> bool {
+    pages > 0 && flat_bytes <= sparse_bytes && pages * 4 >= total_pages * 3
+}
+
 /// Pointers into a bitmap's mapping, for the marking path.
 #[derive(Clone, Copy)]
 struct Hot {
@@ -1098,18 +1489,25 @@ impl Hot {
         let b = bit / BLOCK_BITS;
         let w = bit / WORD_BITS;
         let mask = 1u64 << (bit % WORD_BITS);
-        // SAFETY: `bit < bit_count`, so `b < block_count`: the table entry
-        // lies inside the map, which the caller keeps alive (see `DirtyBitmap::new`).
-        let id = unsafe { &*self.table.add(b as usize) }.load(Acquire);
-        if id == NO_BLOCK {
-            return None;
-        }
-        let index = u64::from(id)
-            .wrapping_sub(1)
-            .wrapping_mul(BLOCK_WORDS)
-            .wrapping_add(w % BLOCK_WORDS);
+        let index = if self.table.is_null() {
+            // Flat: block b is arena block b + 1, so word w is arena word w.
+            w
+        } else {
+            // SAFETY: `bit < bit_count`, so `b < block_count`: the table entry
+            // lies inside the map, which the caller keeps alive (see
+            // `DirtyBitmap::with_layout`).
+            let id = unsafe { &*self.table.add(b as usize) }.load(Acquire);
+            if id == NO_BLOCK {
+                return None;
+            }
+            u64::from(id)
+                .wrapping_sub(1)
+                .wrapping_mul(BLOCK_WORDS)
+                .wrapping_add(w % BLOCK_WORDS)
+        };
         // SAFETY: installed block numbers come from `alloc_block`, which hands
-        // out 1..=arena_blocks only, so the word lies inside the arena.
+        // out 1..=arena_blocks only, so the word lies inside the arena; in the
+        // flat layout `w < word_count <= 16 * arena_blocks`.
         let word = unsafe { &*self.arena.add(index as usize) };
         // SeqCst load: see `or_word` (a bit already set by a racing marker).
         let changed = word.load(SeqCst) & mask == 0 && word.fetch_or(mask, SeqCst) & mask == 0;
@@ -1199,6 +1597,111 @@ impl Marker {
     }
 }
 
+/// How many enabled bitmaps [`HotSet`] holds inline.
+pub const HOT_MAX: usize = 4;
+
+/// The first [`HOT_MAX`] enabled bitmaps, inline: a mark reads one pointer
+/// per bitmap from the image's own memory and goes straight to the
+/// bitmap's precomputed marking pointers (`DirtyBitmap::hot`), with no
+/// list to find first.
+///
+/// Entries are written one by one while markers read them, so a marker may
+/// see a mix of two sets. Each bitmap it marks was enabled at some moment
+/// of its call, which marking allows; but a bitmap enabled throughout
+/// could be missed (it moved to another entry), so the set is guarded by a
+/// sequence number, odd while a writer changes entries: a marker whose
+/// sequence changed reports it (`None`) and the caller marks again through
+/// the published lists.
+///
+/// Every bitmap ever published here stays alive in `keep` until the set is
+/// dropped, so a pointer read from an entry always points to a live bitmap.
+pub struct HotSet {
+    seq: AtomicU64,
+    /// Entries in use; `usize::MAX` when more bitmaps are enabled than fit.
+    len: AtomicUsize,
+    entries: [AtomicPtr<DirtyBitmap>; HOT_MAX],
+    keep: Mutex<Vec<Arc<DirtyBitmap>>>,
+}
+
+impl Default for HotSet {
+    fn default() -> HotSet {
+        HotSet {
+            seq: AtomicU64::new(0),
+            len: AtomicUsize::new(0),
+            entries: Default::default(),
+            keep: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl HotSet {
+    /// Makes `bitmaps` the set markers see (all of them, or none and
+    /// `usize::MAX` as the length when there are more than [`HOT_MAX`]).
+    pub fn publish(&self, bitmaps: &[Arc<DirtyBitmap>]) {
+        let mut keep = self.keep.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = bitmaps.len() <= HOT_MAX;
+        if fits {
+            for bm in bitmaps {
+                if !keep.iter().any(|k| Arc::ptr_eq(k, bm)) {
+                    keep.push(bm.clone());
+                }
+            }
+        }
+        let seq = self.seq.load(Relaxed);
+        self.seq.store(seq.wrapping_add(1), Relaxed);
+        // Orders the odd sequence before the entries: a marker that reads
+        // any entry written below then reads a sequence other than its first.
+        fence(Release);
+        if fits {
+            for (e, bm) in self.entries.iter().zip(bitmaps) {
+                // Release: a marker that reads the pointer sees the bitmap.
+                e.store(Arc::as_ptr(bm).cast_mut(), Release);
+            }
+        }
+        let len = if fits { bitmaps.len() } else { usize::MAX };
+        // Release: a marker that reads `len` sees as many entries set.
+        self.len.store(len, Release);
+        self.seq.store(seq.wrapping_add(2), Release);
+    }
+
+    /// How many references to `bm` the set holds (0 or 1).
+    pub fn holds(&self, bm: &Arc<DirtyBitmap>) -> usize {
+        let keep = self.keep.lock().unwrap_or_else(|e| e.into_inner());
+        keep.iter().filter(|k| Arc::ptr_eq(k, bm)).count()
+    }
+
+    /// [`Marker::mark_fast`] on every bitmap of the set: `Some(true)` when
+    /// all took the mark, `Some(false)` when one did not (mark the ordinary
+    /// way), `None` when the set changed under us or does not hold every
+    /// enabled bitmap (use the published lists). No calls, no panics, no
+    /// shared writes but the bits themselves.
+    #[inline(always)]
+    pub fn mark_fast(&self, offset: u64, last: u64) -> Option<bool> {
+        let seq = self.seq.load(Acquire);
+        let len = self.len.load(Acquire);
+        if seq & 1 != 0 || len > HOT_MAX {
+            return None;
+        }
+        for e in self.entries.iter().take(len) {
+            let p = e.load(Acquire);
+            if p.is_null() {
+                return Some(false);
+            }
+            // SAFETY: every non-null pointer ever stored in an entry is that
+            // of a bitmap `keep` holds until `self` is dropped, and `self`
+            // outlives this call.
+            let bm = unsafe { &*p };
+            if !bm.mark_fast(offset, last) {
+                return Some(false);
+            }
+        }
+        // Orders the entry loads before the second sequence load (pairs
+        // with the writer's fence).
+        fence(Acquire);
+        (self.seq.load(Relaxed) == seq).then_some(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1230,7 +1733,11 @@ mod tests {
     fn assert_summary_covers(bm: &DirtyBitmap) {
         for w in 0..bm.word_count {
             if bm.word(w) != 0 {
-                assert!(bm.block_flagged(w / BLOCK_WORDS), "word {w}");
+                assert!(
+                    bm.block_flagged(w / BLOCK_WORDS),
+                    "word {w} = {:x}",
+                    bm.word(w)
+                );
             }
         }
     }
@@ -1652,6 +2159,142 @@ mod tests {
         assert_eq!(extra.alloc_block(), id);
         assert!(extra.block_at(id).iter().all(|w| w.load(Relaxed) == 0));
         assert_eq!(bm.allocated_block_bytes(), before);
+    }
+
+    #[test]
+    fn installs_ask_for_flat_only_when_dense() {
+        // 16 TiB at 64 KiB: 2^18 blocks, 8192 flat pages.
+        let bm = DirtyBitmap::new(1 << 44, 16).unwrap();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Scattered: a flat map would commit a page per granule.
+        for _ in 0..20_000 {
+            bm.set_bits(next() % (1 << 28), 1);
+        }
+        assert!(!bm.wants_flat());
+        // Random marks until nearly every block exists: now flat costs no more.
+        for _ in 0..4_000_000 {
+            bm.set_bits(next() % (1 << 28), 1);
+        }
+        assert!(bm.wants_flat());
+        // A sequential fill asks once three quarters of the pages are in use.
+        let seq = DirtyBitmap::new(1 << 44, 16).unwrap();
+        seq.set_bits(0, (1 << 28) / 2);
+        assert!(!seq.wants_flat());
+        seq.set_bits(0, (1 << 28) / 4 * 3 + BLOCK_BITS * DENSITY_CHECK_EVERY);
+        assert!(seq.wants_flat());
+        // Flat bitmaps never ask.
+        let flat = DirtyBitmap::new_flat(1 << 44, 16).unwrap();
+        flat.set_bits(0, u64::MAX);
+        assert!(!flat.wants_flat());
+        assert_eq!(flat.count_set_bits(), 1 << 28);
+    }
+
+    #[test]
+    fn flat_copy_then_absorb_keeps_racing_marks() {
+        // Marks race the copy the way they race the image's switch: the
+        // source forwards to the copy once it is made, then is absorbed.
+        for _ in 0..4 {
+            let old = Arc::new(DirtyBitmap::new(1 << 30, 9).unwrap()); // 2^21 bits
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let next = AtomicU64::new(0);
+            let new = thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| {
+                        while !stop.load(Relaxed) {
+                            let i = next.fetch_add(1, Relaxed);
+                            if i >= old.bit_count() {
+                                break;
+                            }
+                            // Scrambled, each bit once: a lost mark is a hole.
+                            let bit = i.wrapping_mul(7919) % old.bit_count();
+                            let m = Marker::new(old.clone());
+                            if !m.mark_fast(bit << 9, (bit << 9) + 511) {
+                                m.mark_bytes(bit << 9, 512);
+                            }
+                        }
+                    });
+                }
+                while next.load(Relaxed) < old.bit_count() / 8 {
+                    thread::yield_now();
+                }
+                let new = Arc::new(old.flat_copy().unwrap());
+                old.forward_to(new.clone());
+                new.absorb(&old);
+                // Finish the marks (those of the threads are forwarded).
+                while next.load(Relaxed) < old.bit_count() {
+                    thread::yield_now();
+                }
+                stop.store(true, Relaxed);
+                new
+            });
+            assert!(new.is_flat());
+            assert_eq!(new.count_set_bits(), old.bit_count());
+            assert_summary_covers(&new);
+        }
+    }
+
+    #[test]
+    fn hot_set_marks_like_markers_while_republished() {
+        let set = HotSet::default();
+        let a = Arc::new(DirtyBitmap::new(1 << 30, 16).unwrap());
+        let b = Arc::new(DirtyBitmap::new_flat(1 << 30, 16).unwrap());
+        // Nothing installed in `a` yet: the fast path declines.
+        set.publish(&[a.clone(), b.clone()]);
+        assert_eq!(set.mark_fast(0, 4095), Some(false));
+        a.mark_bytes(0, 1);
+        b.mark_bytes(0, 1);
+        assert_eq!(set.mark_fast(65536, 65536 + 4095), Some(true));
+        assert!(a.get_bit(1) && b.get_bit(1));
+        // Two granules, or past the end: declined.
+        assert_eq!(set.mark_fast(65535, 65536), Some(false));
+        assert_eq!(set.mark_fast(1 << 30, 1 << 30), Some(false));
+        // Too many bitmaps: the lists take over.
+        let many: Vec<_> = (0..=HOT_MAX).map(|_| b.clone()).collect();
+        set.publish(&many);
+        assert_eq!(set.mark_fast(0, 0), None);
+        set.publish(&[]);
+        assert_eq!(set.mark_fast(0, 0), Some(true));
+        assert_eq!(set.holds(&a), 1);
+
+        // Republishing under markers: every mark lands in a bitmap of a
+        // set published during it, and nothing tears.
+        let c = Arc::new(DirtyBitmap::new_flat(1 << 40, 16).unwrap());
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (done, torn) = (AtomicU64::new(0), AtomicU64::new(0));
+        thread::scope(|s| {
+            for t in 0..2u64 {
+                let (set, stop, done, torn) = (&set, &stop, &done, &torn);
+                s.spawn(move || {
+                    let mut i = t;
+                    while !stop.load(Relaxed) {
+                        let off = (i << 16) % (1 << 30);
+                        match set.mark_fast(off, off + 4095) {
+                            Some(_) => done.fetch_add(1, Relaxed),
+                            None => torn.fetch_add(1, Relaxed),
+                        };
+                        i += 2;
+                    }
+                });
+            }
+            let mut i = 0;
+            while i < 20_000 || done.load(Relaxed) < 100_000 {
+                match i % 3 {
+                    0 => set.publish(&[a.clone(), c.clone()]),
+                    1 => set.publish(std::slice::from_ref(&c)),
+                    _ => set.publish(&[b.clone(), a.clone(), c.clone()]),
+                }
+                i += 1;
+            }
+            stop.store(true, Relaxed);
+        });
+        assert!(c.count_set_bits() > 0);
+        assert_summary_covers(&c);
     }
 
     #[test]

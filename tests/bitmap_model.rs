@@ -1,5 +1,6 @@
 //! Model test: `DirtyBitmap` against a naive `Vec<bool>` over random sizes,
-//! granularities and operation sequences.
+//! granularities and operation sequences, in both layouts (sparse and flat)
+//! and across switches from one to the other.
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -130,6 +131,9 @@ enum Op {
     },
     WriteSerialized(u64, Vec<u8>),
     FillOnes(u64, u64),
+    /// Replace the bitmap by a copy in the other layout (as a switch to
+    /// flat, or a load that gives flat up, does).
+    Relayout,
 }
 
 /// Positions mostly inside (or just past) `0..=n`, some at multiples of
@@ -186,6 +190,7 @@ fn op(size: u64, gb: u32) -> impl Strategy<Value = Op> {
             }),
         1 => (pos(ser, block_bytes), len(ser, 600, block_bytes))
             .prop_map(|(o, l)| Op::FillOnes(o, l)),
+        1 => Just(Op::Relayout),
     ]
 }
 
@@ -228,7 +233,12 @@ fn apply(bm: &DirtyBitmap, model: &mut Model, op: &Op) {
         Op::Merge { size, gb, marks } => {
             let size = size.unwrap_or(model.size);
             let gb = gb.unwrap_or(model.gb);
-            let other = DirtyBitmap::new(size, gb).unwrap();
+            // A source in the layout the target is not in.
+            let other = if bm.is_flat() {
+                DirtyBitmap::new(size, gb).unwrap()
+            } else {
+                DirtyBitmap::new_flat(size, gb).unwrap()
+            };
             let mut other_model = Model::new(size, gb);
             for &(o, l) in marks {
                 other.mark_bytes(o, l);
@@ -249,6 +259,39 @@ fn apply(bm: &DirtyBitmap, model: &mut Model, op: &Op) {
             bm.fill_serialized_ones(*o, *l);
             model.set_range(o.saturating_mul(8), l.saturating_mul(8), true);
         }
+        Op::Relayout => unreachable!("handled by `run`"),
+    }
+}
+
+/// A copy of `bm` in the other layout, made the way the image switches a
+/// live bitmap: copy, then absorb what landed meanwhile.
+fn relayout(bm: &DirtyBitmap) -> DirtyBitmap {
+    let copy = if bm.is_flat() {
+        DirtyBitmap::new(bm.size(), bm.granularity_bits()).unwrap()
+    } else {
+        bm.flat_copy().unwrap()
+    };
+    copy.absorb(bm);
+    assert_ne!(copy.is_flat(), bm.is_flat());
+    assert!(!copy.is_modified());
+    copy
+}
+
+fn run(size: u64, gb: u32, flat: bool, ops: &[Op]) {
+    let mut bm = if flat {
+        DirtyBitmap::new_flat(size, gb).unwrap()
+    } else {
+        DirtyBitmap::new(size, gb).unwrap()
+    };
+    assert_eq!(bm.is_flat(), flat);
+    let mut model = Model::new(size, gb);
+    check(&bm, &model);
+    for op in ops {
+        match op {
+            Op::Relayout => bm = relayout(&bm),
+            op => apply(&bm, &mut model, op),
+        }
+        check(&bm, &model);
     }
 }
 
@@ -331,14 +374,91 @@ proptest! {
 
     #[test]
     fn matches_model((size, gb, ops) in case()) {
-        let bm = DirtyBitmap::new(size, gb).unwrap();
-        let mut model = Model::new(size, gb);
-        check(&bm, &model);
-        for op in &ops {
-            apply(&bm, &mut model, op);
-            check(&bm, &model);
-        }
+        run(size, gb, false, &ops);
     }
+
+    #[test]
+    fn flat_matches_model((size, gb, ops) in case()) {
+        run(size, gb, true, &ops);
+    }
+
+    /// Loading through `load_with` (straight into a flat arena, or through
+    /// the buffer) and `finish_load` gives the stored bits, whichever
+    /// layout it starts in and ends up in.
+    #[test]
+    fn load_matches_model(
+        (size, gb, pieces) in case().prop_flat_map(|(size, gb, _)| {
+            let ser = size.div_ceil(1 << gb).div_ceil(8);
+            let piece = (
+                0..=ser + 8,
+                0usize..700,
+                prop_oneof![Just(0u8), Just(0xff), any::<u8>()],
+                any::<bool>(),
+            );
+            (Just(size), Just(gb), vec(piece, 0..6))
+        }),
+        present in prop_oneof![Just(0u64), Just(u64::MAX / 8), any::<u64>()],
+    ) {
+        let mut bm = DirtyBitmap::for_load(size, gb, present).unwrap();
+        let mut model = Model::new(size, gb);
+        let mut buf = Vec::new();
+        for (offset, len, byte, fail) in pieces {
+            let data = vec![byte; len];
+            let r = bm.load_with(offset, len, &mut buf, |dst: &mut [u8]| {
+                assert_eq!(dst.len(), len);
+                dst.copy_from_slice(&data);
+                if fail { Err(()) } else { Ok(()) }
+            });
+            if fail {
+                // A failed read loads nothing.
+                prop_assert!(r.is_err());
+                continue;
+            }
+            model.write_serialized(offset, &data);
+        }
+        bm.finish_load();
+        check(&bm, &model);
+    }
+}
+
+#[test]
+fn dense_loads_stay_flat_and_scattered_ones_do_not() {
+    // 4 GiB at 512 B: 8 Mi bits, 1 MiB serialized, 256 flat pages.
+    let (size, gb) = (4u64 << 30, 9);
+    let ser = (size >> gb) / 8;
+    let mut dense = DirtyBitmap::for_load(size, gb, ser).unwrap();
+    assert!(dense.is_flat());
+    let mut buf = Vec::new();
+    for off in (0..ser).step_by(65536) {
+        dense
+            .load_with(off, 65536, &mut buf, |d: &mut [u8]| {
+                d.fill(0x5a);
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+    }
+    dense.finish_load();
+    assert!(dense.is_flat());
+    assert_eq!(dense.count_set_bits(), (size >> gb) / 2);
+
+    // Every stored cluster present, but one bit per 4 KiB page.
+    let mut sparse = DirtyBitmap::for_load(size, gb, ser).unwrap();
+    assert!(sparse.is_flat());
+    for off in (0..ser).step_by(65536) {
+        sparse
+            .load_with(off, 65536, &mut buf, |d: &mut [u8]| {
+                d.fill(0);
+                for page in d.chunks_mut(4096) {
+                    page[100] = 1;
+                }
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+    }
+    sparse.finish_load();
+    assert!(!sparse.is_flat());
+    assert_eq!(sparse.count_set_bits(), ser / 4096);
+    assert_eq!(sparse.allocated_block_bytes(), ser / 4096 * 128);
 }
 
 #[test]

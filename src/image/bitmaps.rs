@@ -254,11 +254,13 @@ impl State {
 
     /// Reads a bitmap's data clusters, coalescing runs of adjacent clusters.
     fn load_data(&self, entry: &DirEntry, table: &[TableEntry]) -> Result<DirtyBitmap> {
-        let mut bm = DirtyBitmap::new(self.header.size, u32::from(entry.granularity_bits))
-            .map_err(|e| Error::io(format!("allocating memory for bitmap '{}'", entry.name), e))?;
         let cs = self.cluster_size();
+        let present = table.iter().filter(|e| **e != TableEntry::Zeros).count() as u64 * cs;
+        let gb = u32::from(entry.granularity_bits);
+        let mut bm = DirtyBitmap::for_load(self.header.size, gb, present)
+            .map_err(|e| Error::io(format!("allocating memory for bitmap '{}'", entry.name), e))?;
         let total = bm.serialized_len();
-        let max_run = (IO_CHUNK / cs).max(1) as usize;
+        let max_run = (bm.load_chunk(IO_CHUNK) / cs).max(1) as usize;
         let mut buf = Vec::new();
         let mut i = 0;
         while i < table.len() {
@@ -278,13 +280,14 @@ impl State {
                         run += 1;
                     }
                     let len = (run as u64 * cs).min(total - first_byte) as usize;
-                    buf.resize(len, 0);
-                    self.read(&mut buf, off, &format!("bitmap '{}' data", entry.name))?;
-                    bm.load_serialized(first_byte, &buf);
+                    bm.load_with(first_byte, len, &mut buf, |dst| {
+                        self.read(dst, off, &format!("bitmap '{}' data", entry.name))
+                    })?;
                     i += run;
                 }
             }
         }
+        bm.finish_load();
         bm.take_modified();
         Ok(bm)
     }

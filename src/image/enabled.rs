@@ -12,10 +12,19 @@
 //! with `DirtyBitmap::release_memory`; what stays is its address range and a
 //! few words per published list. (It replaces arc-swap, whose per-load debt
 //! slot costs two fenced atomic operations: more than the mark itself.)
+//!
+//! The C marking path does not even walk the list when it can help it: the
+//! first few bitmaps' marking pointers are also copied inline into
+//! [`HotSet`] (sequence-locked; see there), so that a mark goes from the
+//! image straight to the bitmap words.
+//!
+//! Bitmaps replaced by a copy in another layout (image/densify.rs) are
+//! `retire`d here: their memory goes back once nobody but the published
+//! lists holds them (an `Extents` iterator may still be reading one).
 
-use crate::bitmap::{DirtyBitmap, Marker};
+use crate::bitmap::{DirtyBitmap, HotSet, Marker};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 type List = Vec<Marker>;
 
@@ -24,19 +33,25 @@ type List = Vec<Marker>;
 const SEGMENTS: usize = 48;
 
 pub struct EnabledSet {
+    /// The current list again, inline, when it is short.
+    hot: HotSet,
     /// Index of the list markers use.
     current: AtomicUsize,
     /// Number of lists published (the next index); written under the lock.
     published: AtomicUsize,
     segments: [OnceLock<Box<[OnceLock<List>]>>; SEGMENTS],
+    /// Replaced bitmaps whose memory is not released yet (see `retire`).
+    retired: Mutex<Vec<Arc<DirtyBitmap>>>,
 }
 
 impl Default for EnabledSet {
     fn default() -> EnabledSet {
         let set = EnabledSet {
+            hot: HotSet::default(),
             current: AtomicUsize::new(0),
             published: AtomicUsize::new(0),
             segments: [const { OnceLock::new() }; SEGMENTS],
+            retired: Mutex::new(Vec::new()),
         };
         set.publish(Vec::new());
         set
@@ -54,6 +69,7 @@ fn locate(i: usize) -> (usize, usize) {
 impl EnabledSet {
     /// Publishes a new list. Callers serialise publishes (the image's state lock).
     pub fn publish(&self, bitmaps: Vec<Arc<DirtyBitmap>>) {
+        self.hot.publish(&bitmaps);
         let bitmaps: List = bitmaps.into_iter().map(Marker::new).collect();
         let i = self.published.load(Ordering::Relaxed);
         let (k, slot) = locate(i);
@@ -64,6 +80,55 @@ impl EnabledSet {
         self.published.store(i + 1, Ordering::Relaxed);
         // Release: a marker that reads index i sees the list stored above.
         self.current.store(i, Ordering::Release);
+        self.sweep();
+    }
+
+    /// [`crate::bitmap::Marker::mark_fast`] on every enabled bitmap: true
+    /// when all took the mark. Same guarantees as `all`.
+    #[inline(always)]
+    pub fn mark_fast(&self, offset: u64, last: u64) -> bool {
+        match self.hot.mark_fast(offset, last) {
+            Some(done) => done,
+            None => self.all(|m| m.mark_fast(offset, last)),
+        }
+    }
+
+    /// Takes a bitmap that a copy replaced (after the list without it was
+    /// published): its memory is released once only the published lists
+    /// hold it, which may be at once. Callers serialise (the state lock).
+    pub fn retire(&self, old: Arc<DirtyBitmap>) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(old);
+        self.sweep();
+    }
+
+    /// Releases the memory of retired bitmaps nobody else holds any more.
+    /// Nobody can take a new reference to one (it left its slot), so a
+    /// count that reached the lists' own is final.
+    pub fn sweep(&self) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.retain(|bm| {
+            let ours = 1 + self.hot.holds(bm) + self.references(bm);
+            if Arc::strong_count(bm) > ours {
+                return true;
+            }
+            bm.release_memory();
+            false
+        });
+    }
+
+    /// How many published lists hold `bm`.
+    fn references(&self, bm: &Arc<DirtyBitmap>) -> usize {
+        (0..self.published.load(Ordering::Relaxed))
+            .filter_map(|i| {
+                let (k, slot) = locate(i);
+                self.segments[k].get()?.get(slot)?.get()
+            })
+            .flat_map(|list| list.iter())
+            .filter(|m| Arc::ptr_eq(m.bitmap(), bm))
+            .count()
     }
 
     /// Calls `f` on every enabled bitmap, without locking, writing shared
@@ -89,6 +154,12 @@ impl EnabledSet {
             Some(list) => list.iter().all(f),
             None => true,
         }
+    }
+
+    /// Number of retired bitmaps not released yet (tests).
+    #[cfg(test)]
+    pub fn retired_count(&self) -> usize {
+        self.retired.lock().unwrap().len()
     }
 
     /// Number of lists published so far (tests).

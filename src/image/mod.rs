@@ -6,6 +6,7 @@ mod allocator;
 mod bitmaps;
 mod check;
 mod create;
+mod densify;
 mod enabled;
 mod intent;
 mod layout;
@@ -267,6 +268,7 @@ impl Image {
             return Ok(());
         }
         let mut st = self.lock()?;
+        self.densify(&mut st);
         st.persist(false).map_err(|e| e.context(&self.name))
     }
 
@@ -297,9 +299,16 @@ impl Image {
             Some(end) if self.tracking && end <= self.size.load(Ordering::Relaxed) => {}
             _ => return Err(self.mark_error(offset, length)),
         }
+        let mut wants_flat = false;
         self.enabled.for_each(|b| {
             b.mark_bytes(offset, length);
+            wants_flat |= b.bitmap().wants_flat();
         });
+        // Write-intent images never switch (densify.rs), and all their marks
+        // come this way: no lock attempt per mark for them.
+        if wants_flat && self.intent.is_none() {
+            self.densify_soon();
+        }
         Ok(())
     }
 
@@ -320,7 +329,7 @@ impl Image {
         }
         // Write-intent marks take the guarded path: their durability check
         // walks more code than this path may (it must not be able to panic).
-        self.intent.is_none() && self.enabled.all(|m| m.mark_fast(offset, last))
+        self.intent.is_none() && self.enabled.mark_fast(offset, last)
     }
 
     #[cold]
