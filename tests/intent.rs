@@ -751,7 +751,8 @@ fn sigkill_recovery() {
                     status.signal(),
                     Some(libc::SIGKILL),
                     "cs {cs} g {g} round {round}: the child ended before the kill ({status}): {}",
-                    std::fs::read_to_string(format!("{}.stderr", path.display())).unwrap_or_default()
+                    std::fs::read_to_string(format!("{}.stderr", path.display()))
+                        .unwrap_or_default()
                 );
             }
             kills += 1;

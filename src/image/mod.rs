@@ -299,16 +299,9 @@ impl Image {
             Some(end) if self.tracking && end <= self.size.load(Ordering::Relaxed) => {}
             _ => return Err(self.mark_error(offset, length)),
         }
-        let mut wants_flat = false;
         self.enabled.for_each(|b| {
             b.mark_bytes(offset, length);
-            wants_flat |= b.bitmap().wants_flat();
         });
-        // Write-intent images never switch (densify.rs), and all their marks
-        // come this way: no lock attempt per mark for them.
-        if wants_flat && self.intent.is_none() {
-            self.densify_soon();
-        }
         Ok(())
     }
 
