@@ -174,6 +174,7 @@ int main(int argc, char **argv) {
     emit("mark_16t_mutex", measure(MUTEX, img, &ar, disk, n, 1, reps));
     emit("mark_1g_qbm_2t", measure(QBM, img, &ar, ws, n, 2, reps));
     emit("mark_1g_mutex_2t", measure(MUTEX, img, &ar, ws, n, 2, reps));
+    emit("mark_1g_bare_2t", measure(BARE, img, &ar, ws, n, 2, reps));
     emit("mark_16t_qbm_2t", measure(QBM, img, &ar, disk, n, 2, reps));
     emit("mark_16t_bare_2t", measure(BARE, img, &ar, disk, n, 2, reps));
 
