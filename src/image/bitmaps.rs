@@ -601,15 +601,7 @@ impl State {
 
     /// Slot `i`'s bits in memory, loading them if they are only stored.
     pub(super) fn load_slot(&mut self, i: usize) -> Result<Arc<DirtyBitmap>> {
-        if let Some(d) = &self.slots[i].data {
-            return Ok(d.clone());
-        }
-        let slot = &self.slots[i];
-        let table = slot
-            .table
-            .as_deref()
-            .expect("usable slots keep their table");
-        let data = Arc::new(self.load_data(&slot.entry, table)?);
+        let data = self.bits_of(i)?;
         let slot = &mut self.slots[i];
         slot.data = Some(data.clone());
         slot.stored = false;

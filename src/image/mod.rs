@@ -63,6 +63,21 @@ impl OpenOptions {
             ..OpenOptions::default()
         }
     }
+
+    /// Refuses combinations that mean nothing; `name` is for the message.
+    fn check(&self, name: &str) -> Result<()> {
+        let refuse = |why: &str| Err(Error::InvalidArgument(format!("{name}: {why}")));
+        if self.write_intent && !self.writable {
+            return refuse("write-intent mode is for read-write opens only");
+        }
+        if self.writable && self.force_share {
+            return refuse("force-share is for read-only opens only");
+        }
+        if self.lazy && self.write_intent {
+            return refuse("write-intent mode tracks writes; a lazy open tracks none");
+        }
+        Ok(())
+    }
 }
 
 /// Facts about an open image.
@@ -125,21 +140,8 @@ impl Image {
     pub fn open(path: impl AsRef<Path>, options: OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        if options.write_intent && !options.writable {
-            return Err(Error::InvalidArgument(format!(
-                "{name}: write-intent mode is for read-write opens only"
-            )));
-        }
-        if options.writable && options.force_share {
-            return Err(Error::InvalidArgument(format!(
-                "{name}: force-share is for read-only opens only"
-            )));
-        }
-        if options.lazy && options.write_intent {
-            return Err(Error::InvalidArgument(format!(
-                "{name}: write-intent mode tracks writes; a lazy open tracks none"
-            )));
-        }
+        // Before the file is even opened.
+        options.check(&name)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(options.writable)
@@ -187,16 +189,7 @@ impl Image {
         options: OpenOptions,
         before_writing: impl FnOnce(&State) -> Result<()>,
     ) -> Result<Image> {
-        if options.write_intent && !options.writable {
-            return Err(Error::InvalidArgument(format!(
-                "{name}: write-intent mode is for read-write opens only"
-            )));
-        }
-        if options.lazy && options.write_intent {
-            return Err(Error::InvalidArgument(format!(
-                "{name}: write-intent mode tracks writes; a lazy open tracks none"
-            )));
-        }
+        options.check(name)?;
         let mut state =
             State::load(storage, options.writable, options.lazy).map_err(|e| e.context(name))?;
         state.intent = options.write_intent;
