@@ -536,8 +536,8 @@ class Image:
     ) -> "Image":
         """Opens the qcow2 image at ``path``, read-only unless ``writable``.
 
-        Opened read-write, its bitmaps are flagged in_use on disk until
-        :meth:`close`, as QEMU does. The image is locked as QEMU locks it
+        Opened read-write (and not ``lazy``), its bitmaps are flagged in_use
+        on disk until :meth:`close`, as QEMU does. The image is locked as QEMU locks it
         (:class:`Busy` while a VM or qemu-img holds it); ``force_share``
         reads without locks, like ``qemu-img -U`` (read-only only).
         ``write_intent`` (with ``writable``): :meth:`mark_dirty` returns once
