@@ -476,7 +476,7 @@ impl DirtyBitmap {
         self.hot
     }
 
-    /// [`Marker::mark_fast`] (see there) without a marker.
+    /// See [`Marker::mark_fast`].
     #[inline(always)]
     fn mark_fast(&self, offset: u64, last: u64) -> bool {
         let g = self.granularity_bits;
@@ -489,7 +489,8 @@ impl DirtyBitmap {
         if unsafe { self.hot.set_installed_bit(bit) }.is_none() {
             return false;
         }
-        // As in `Marker::mark_fast`.
+        // After the bit (see `set_bits` and `forward_to`): one load decides
+        // that `modified` is raised and nothing is forwarded.
         self.state.load(SeqCst) == MODIFIED
     }
 
@@ -1522,29 +1523,14 @@ impl Hot {
     }
 }
 
-/// What marking needs of one bitmap, copied out of it so that a mark follows
-/// no pointer but into the bitmap's own memory. Holds the bitmap alive.
+/// One enabled bitmap as the published lists hold it (image/enabled.rs).
 pub struct Marker {
-    hot: Hot,
-    granularity_bits: u32,
-    size: u64,
     bitmap: Arc<DirtyBitmap>,
 }
 
-// SAFETY: the pointers in `hot` point into the mapping of `bitmap`, which the
-// marker keeps alive; they are only used for atomic accesses.
-unsafe impl Send for Marker {}
-// SAFETY: as for Send.
-unsafe impl Sync for Marker {}
-
 impl Marker {
     pub fn new(bitmap: Arc<DirtyBitmap>) -> Marker {
-        Marker {
-            hot: bitmap.hot(),
-            granularity_bits: bitmap.granularity_bits,
-            size: bitmap.size,
-            bitmap,
-        }
+        Marker { bitmap }
     }
 
     /// Marks guest bytes `[offset, last]` (`offset <= last`) when that is
@@ -1556,44 +1542,17 @@ impl Marker {
     /// a stack frame nor an unwind guard on this path.
     #[inline(always)]
     pub fn mark_fast(&self, offset: u64, last: u64) -> bool {
-        let g = self.granularity_bits;
-        let bit = offset >> g;
-        if last >= self.size || bit != last >> g {
-            return false;
-        }
-        // SAFETY: `hot` points into `bitmap`'s mapping, which `self` keeps
-        // alive, and `bit <= last >> g < bit_count` since `last < size`.
-        if unsafe { self.hot.set_installed_bit(bit) }.is_none() {
-            return false;
-        }
-        // After the bit (see `DirtyBitmap::set_bits` and `forward_to`): one
-        // load decides that `modified` is raised and nothing is forwarded.
-        self.bitmap.state.load(SeqCst) == MODIFIED
+        self.bitmap.mark_fast(offset, last)
     }
 
     pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
         &self.bitmap
     }
 
-    /// [`DirtyBitmap::mark_bytes`], with a fast path for writes within one
-    /// granule.
+    /// [`DirtyBitmap::mark_bytes`].
     #[inline]
     pub fn mark_bytes(&self, offset: u64, len: u64) -> bool {
-        let last = offset.wrapping_add(len).wrapping_sub(1);
-        if len == 0
-            || last < offset
-            || last >= self.size
-            || offset >> self.granularity_bits != last >> self.granularity_bits
-        {
-            return self.bitmap.mark_bytes(offset, len);
-        }
-        let changed = self
-            .hot
-            .set_bit(offset >> self.granularity_bits, &self.bitmap);
-        // Even when already set: see `DirtyBitmap::set_bits`.
-        self.bitmap.note_modified();
-        self.bitmap.forward(offset, len);
-        changed
+        self.bitmap.mark_bytes(offset, len)
     }
 }
 

@@ -37,6 +37,16 @@ struct Counting {
 }
 
 impl Counting {
+    /// What the storage holds now, opened anew (after a crash).
+    fn reopen(&self, options: OpenOptions) -> Image {
+        Image::open_storage(
+            Box::new(MemoryStorage::new(self.inner.contents())),
+            "after",
+            options,
+        )
+        .unwrap()
+    }
+
     fn new(bytes: Vec<u8>, flush_delay: Duration) -> Counting {
         Counting {
             inner: Arc::new(MemoryStorage::new(bytes)),
@@ -146,12 +156,7 @@ fn fast_path_does_no_io_and_marks_wait_for_durability() {
     assert_eq!(s.counts(), synced);
     crash(img);
     // What the crash left: both bitmaps recovered with every mark.
-    let img = Image::open_storage(
-        Box::new(MemoryStorage::new(s.inner.contents())),
-        "after",
-        OpenOptions::read_write(),
-    )
-    .unwrap();
+    let img = s.reopen(OpenOptions::read_write());
     for b in img.bitmaps().unwrap() {
         assert!(b.recovered && b.usable && !b.in_use, "{b:?}");
         let e: Vec<_> = img.extents(&b.name).unwrap().collect();
@@ -199,12 +204,7 @@ fn management_changes_are_durable_at_once() {
     img.mark_dirty(2 * MIB, 1).unwrap();
     img.set_range("a", 3 * MIB, 1).unwrap();
     crash(img);
-    let img = Image::open_storage(
-        Box::new(MemoryStorage::new(s.inner.contents())),
-        "after",
-        OpenOptions::read_write(),
-    )
-    .unwrap();
+    let img = s.reopen(OpenOptions::read_write());
     let a = img.bitmap_info("a").unwrap();
     let b = img.bitmap_info("b").unwrap();
     assert!(a.recovered && b.recovered && !a.enabled && b.enabled);
@@ -322,12 +322,7 @@ fn clears_racing_with_marks_lose_no_returned_mark() {
             stop.store(true, Ordering::Relaxed);
         });
         let mem: Vec<_> = img.extents("a").unwrap().collect();
-        let after = Image::open_storage(
-            Box::new(MemoryStorage::new(s.inner.contents())),
-            "after",
-            OpenOptions::read_only(),
-        )
-        .unwrap();
+        let after = s.reopen(OpenOptions::read_only());
         assert!(after.bitmap_info("a").unwrap().recovered);
         let disk: Vec<_> = after.extents("a").unwrap().collect();
         for &(o, l) in &mem {
@@ -357,12 +352,7 @@ fn record_too_large_for_cluster_0_is_refused_cleanly() {
     assert_eq!(img.bitmap_count().unwrap(), added + 1);
     img.mark_dirty(0, 1).unwrap();
     crash(img);
-    let img = Image::open_storage(
-        Box::new(MemoryStorage::new(s.inner.contents())),
-        "after",
-        OpenOptions::read_write(),
-    )
-    .unwrap();
+    let img = s.reopen(OpenOptions::read_write());
     let bitmaps = img.bitmaps().unwrap();
     assert_eq!(bitmaps.len(), added + 1);
     assert!(bitmaps

@@ -322,8 +322,12 @@ impl State {
         let mut pending_index: Vec<usize> = Vec::new();
         let batch = (CHUNK / cs).max(1) as usize;
         let mut changed = false;
-        for k in 0..dst_table.len() {
-            let (d, s) = (dst_table[k], src_table[k]);
+        // Only the entries the disk size calls for: a recovered in_use
+        // bitmap's table may be longer or shorter (a crash during resize).
+        let n = dst_table.len().min(geo.total.div_ceil(cs) as usize);
+        for k in 0..n {
+            let d = dst_table[k];
+            let s = src_table.get(k).copied().unwrap_or(TableEntry::Zeros);
             if s == TableEntry::Zeros || d == TableEntry::Ones {
                 continue;
             }
