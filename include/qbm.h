@@ -210,7 +210,8 @@ struct qbm_bitmap_info {
    */
   uint32_t extra_data_size;
   /**
-   * Dirty bytes (0 unless the bitmap is usable).
+   * Dirty bytes (0 unless the bitmap is usable). On a `QBM_OPEN_LAZY`
+   * handle, counting them reads the bitmap's data clusters.
    */
   uint64_t dirty_bytes;
 };

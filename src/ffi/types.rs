@@ -129,7 +129,8 @@ pub struct qbm_bitmap_info {
     pub flags: u32,
     /// Bytes of extra data in the directory entry (kept unchanged).
     pub extra_data_size: u32,
-    /// Dirty bytes (0 unless the bitmap is usable).
+    /// Dirty bytes (0 unless the bitmap is usable). On a `QBM_OPEN_LAZY`
+    /// handle, counting them reads the bitmap's data clusters.
     pub dirty_bytes: u64,
 }
 

@@ -821,7 +821,7 @@ impl Image {
             // Nothing to read: an empty bitmap replaces it at the next store.
             let empty = DirtyBitmap::new(
                 st.header.size,
-                st.geometry(&st.slots[i].entry).granularity_bits,
+                u32::from(st.slots[i].entry.granularity_bits),
             )
             .map_err(|e| {
                 self.ctx(Error::io(
@@ -924,11 +924,13 @@ impl Image {
         };
         let mut st = self.writable_state()?;
         let d = st.usable_index(dst_name).map_err(|e| self.ctx(e))?;
+        // The bits actually merged, not the other image's size now (it may
+        // have been resized since they were read).
         let size = st.header.size;
-        if src.size() != size {
+        if src_bits.size() != size {
             return Err(self.ctx(Error::InvalidArgument(format!(
                 "cannot merge bitmap '{src_name}' of a {}-byte disk into bitmap '{dst_name}' of a {size}-byte disk",
-                src.size(),
+                src_bits.size(),
             ))));
         }
         let dst = st.load_slot(d).map_err(|e| self.ctx(e))?;
