@@ -4,8 +4,8 @@ in the same run (QEMU's tools on the same image, or a bare-C physical limit).
 Prints one table and writes bench-results.json.
 
 usage: benches/run.py BUILD_DIR   (BUILD_DIR holds bench/mark, bench/lib,
-bench/intent, bench/spawn, bench/floor; the qbm binary is
-target/release/qbm). Whole-process rows (items 5, 6) are timed by
+bench/intent, bench/spawn, bench/floor, and bin/qbm, the CLI as
+`make bin` links it). Whole-process rows (items 5, 6) are timed by
 bench/spawn, see spawn() below."""
 
 import json
@@ -18,7 +18,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build"))
-QBM = os.path.join(ROOT, "target", "release", "qbm")
+QBM = os.path.join(BUILD, "bin", "qbm")
 MARK = os.path.join(BUILD, "bench", "mark")
 LIB = os.path.join(BUILD, "bench", "lib")
 INTENT = os.path.join(BUILD, "bench", "intent")
