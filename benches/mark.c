@@ -59,7 +59,11 @@ static inline void bare_mark(struct arrays *ar, uint64_t off) {
         __atomic_fetch_or(&ar->b[w], m, __ATOMIC_SEQ_CST);
 }
 
-enum kind { QBM, BARE, MUTEX };
+enum kind { QBM, QBM_MANY, BARE, MUTEX };
+
+/* Writes per qbm_mark_dirty_many call: a VMM completing a virtqueue's or an
+ * io_uring's worth of requests at once. */
+#define BATCH 64
 
 struct job {
     enum kind kind;
@@ -81,6 +85,18 @@ static void *run_job(void *p) {
                 exit(1);
             }
         break;
+    case QBM_MANY: {
+        struct qbm_range r[BATCH];
+        for (uint64_t i = 0; i < j->n; i += BATCH) {
+            for (int k = 0; k < BATCH; k++)
+                r[k] = (struct qbm_range){next_offset(&s, span), WRITE_LEN};
+            if (qbm_mark_dirty_many(j->img, r, BATCH) != 0) {
+                fprintf(stderr, "qbm_mark_dirty_many: %s\n", qbm_last_error());
+                exit(1);
+            }
+        }
+        break;
+    }
     case BARE:
         for (uint64_t i = 0; i < j->n; i++)
             bare_mark(j->ar, next_offset(&s, span));
@@ -170,6 +186,8 @@ int main(int argc, char **argv) {
     emit("mark_1g_bare", measure(BARE, img, &ar, ws, n, 1, reps));
     emit("mark_1g_mutex", measure(MUTEX, img, &ar, ws, n, 1, reps));
     emit("mark_16t_qbm", measure(QBM, img, &ar, disk, n, 1, reps));
+    emit("mark_16t_qbm_many", measure(QBM_MANY, img, &ar, disk, n, 1, reps));
+    emit("mark_1g_qbm_many", measure(QBM_MANY, img, &ar, ws, n, 1, reps));
     emit("mark_16t_bare", measure(BARE, img, &ar, disk, n, 1, reps));
     emit("mark_16t_mutex", measure(MUTEX, img, &ar, disk, n, 1, reps));
     emit("mark_1g_qbm_2t", measure(QBM, img, &ar, ws, n, 2, reps));

@@ -217,6 +217,15 @@ struct qbm_bitmap_info {
 };
 
 /**
+ * One guest write of a batch given to `qbm_mark_dirty_many`: bytes
+ * `[offset, offset + length)` of the virtual disk.
+ */
+struct qbm_range {
+  uint64_t offset;
+  uint64_t length;
+};
+
+/**
  * What `qbm_check` found, counted as `qemu-img check` counts it.
  */
 struct qbm_check_result {
@@ -413,6 +422,20 @@ int qbm_bitmap_reset(struct qbm_image *img, const char *name, uint64_t offset, u
  * call that was running when `qbm_bitmap_add(new)` returned has returned.
  */
 int qbm_mark_dirty(struct qbm_image *img, uint64_t offset, uint64_t length);
+
+/**
+ * Marks a batch of `count` guest writes at `ranges`, each as
+ * `qbm_mark_dirty` would, with one set of enabled bitmaps for the whole
+ * call: for a VMM that completes several requests at once (a virtqueue,
+ * an io_uring completion batch). The writes' cache misses overlap, so a
+ * batch marks random writes over a large disk at close to the memory
+ * system's rate, which one call per write cannot reach. Every range is
+ * checked before any is marked: -EINVAL (naming the range) leaves every
+ * bitmap unchanged. `count` 0 marks nothing; `ranges` may not be NULL.
+ * Same threading and checkpoint guarantees as `qbm_mark_dirty`; in
+ * write-intent mode it returns once every range is durable.
+ */
+int qbm_mark_dirty_many(struct qbm_image *img, const struct qbm_range *ranges, size_t count);
 
 /**
  * Write-intent mode, for event-loop VMMs: marks like `qbm_mark_dirty` but

@@ -7,5 +7,5 @@ pub mod format;
 pub mod image;
 pub mod storage;
 
-pub use bitmap::DirtyBitmap;
+pub use bitmap::{ByteRange, DirtyBitmap};
 pub use error::{Error, Result};

@@ -206,6 +206,12 @@ class _BitmapInfo(ctypes.Structure):
     ]
 
 
+class _Range(ctypes.Structure):
+    """``struct qbm_range``: one write of a :meth:`Image.mark_dirty_many` batch."""
+
+    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
+
+
 class _CheckResult(ctypes.Structure):
     """``struct qbm_check_result``."""
 
@@ -260,6 +266,7 @@ _PROTOTYPES = {
     "qbm_bitmap_set": (_int, [_HandleP, _str, _u64, _u64]),
     "qbm_bitmap_reset": (_int, [_HandleP, _str, _u64, _u64]),
     "qbm_mark_dirty": (_int, [_HandleP, _u64, _u64]),
+    "qbm_mark_dirty_many": (_int, [_HandleP, ctypes.POINTER(_Range), ctypes.c_size_t]),
     "qbm_mark_dirty_nowait": (_int, [_HandleP, _u64, _u64]),
     "qbm_sync": (_int, [_HandleP]),
     "qbm_bitmap_dirty_bytes": (_int, [_HandleP, _str, _u64p]),
@@ -827,6 +834,21 @@ class Image:
         h = self._handle()
         o, n = _uint(offset, "offset"), _uint(length, "length")
         _check(lib.qbm_mark_dirty(h, o, n), "qbm_mark_dirty")
+
+    def mark_dirty_many(self, ranges: "List[Tuple[int, int]]") -> None:
+        """Marks a batch of ``(offset, length)`` writes in one call, each as
+        :meth:`mark_dirty` would. Every range is checked first: a bad one
+        raises with nothing marked."""
+        h = self._handle()
+        ranges = list(ranges)
+        arr = (_Range * max(len(ranges), 1))()
+        for i, r in enumerate(ranges):
+            try:
+                offset, length = r
+            except (TypeError, ValueError):
+                raise TypeError(f"range {i} must be an (offset, length) pair, not {r!r}") from None
+            arr[i] = _Range(_uint(offset, f"range {i} offset"), _uint(length, f"range {i} length"))
+        _check(lib.qbm_mark_dirty_many(h, arr, len(ranges)), "qbm_mark_dirty_many")
 
     def mark_dirty_nowait(self, offset: int, length: int) -> bool:
         """Write-intent mode: marks without waiting; True when :meth:`sync`

@@ -20,6 +20,33 @@ def test_one_byte_mark_rounds_to_the_granule(img: qbm.Image) -> None:
     assert img.bitmap("b0").dirty_bytes == 65536
 
 
+def test_mark_dirty_many_marks_what_single_marks_mark(img: qbm.Image, images: Images) -> None:
+    img.add_bitmap("b0", granularity=65536)
+    img.add_bitmap("b4", granularity=4096)
+    batch = [(0, 4096), (3 * MiB + 100, 70000), (5 * MiB, 0), (DISK - 1, 1), (8192, 4096)]
+    img.mark_dirty_many(batch)
+    other = images.create(name="single.qcow2")
+    other.add_bitmap("b0", granularity=65536)
+    other.add_bitmap("b4", granularity=4096)
+    for off, length in batch:
+        other.mark_dirty(off, length)
+    for name in ("b0", "b4"):
+        assert list(img.extents(name)) == list(other.extents(name)), name
+    assert list(img.extents("b0"))[0] == (0, 65536)
+    assert list(img.extents("b4"))[:2] == [(0, 4096), (8192, 4096)]
+
+
+def test_mark_dirty_many_with_a_bad_range_marks_nothing(img: qbm.Image) -> None:
+    img.add_bitmap("b0", granularity=65536)
+    with pytest.raises(qbm.InvalidArgument, match="range 1 of 2"):
+        img.mark_dirty_many([(0, 4096), (DISK, 1)])
+    with pytest.raises(TypeError, match="range 0"):
+        img.mark_dirty_many([(1, 2, 3)])  # type: ignore[list-item]
+    assert list(img.extents("b0")) == []
+    img.mark_dirty_many([])
+    assert list(img.extents("b0")) == []
+
+
 def test_next_extent_returns_none_after_the_last_run(img: qbm.Image) -> None:
     """qbm_bitmap_next_extent returns 0 (no run) past the last dirty run; it
     never reports a run of length 0."""

@@ -82,6 +82,7 @@ int main(void) {
     S(qbm_bitmap_info); F(qbm_bitmap_info, struct_size); F(qbm_bitmap_info, name);
     F(qbm_bitmap_info, granularity); F(qbm_bitmap_info, flags); F(qbm_bitmap_info, extra_data_size);
     F(qbm_bitmap_info, dirty_bytes);
+    S(qbm_range); F(qbm_range, offset); F(qbm_range, length);
     return 0;
 }
 """
@@ -101,6 +102,7 @@ def test_structs_match_the_c_layout(tmp_path: Path) -> None:
         "qbm_create_options": qbm._CreateOptions,
         "qbm_image_info": qbm._ImageInfo,
         "qbm_bitmap_info": qbm._BitmapInfo,
+        "qbm_range": qbm._Range,
     }
     for line in out.splitlines():
         what, a, b = line.split()

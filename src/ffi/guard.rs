@@ -2,7 +2,8 @@
 //! the checked conversions of raw pointers. Every `unsafe` of the C API that
 //! touches caller memory lives here.
 
-use super::types::{qbm_image, HANDLE_MAGIC};
+use super::types::{qbm_image, qbm_range, HANDLE_MAGIC};
+use crate::bitmap::ByteRange;
 use crate::error::{Error, Result};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString};
@@ -63,6 +64,26 @@ pub(crate) fn handle<'a>(p: *const qbm_image) -> Result<&'a qbm_image> {
         return Err(invalid("image handle is not valid (closed or corrupted)"));
     }
     Ok(h)
+}
+
+/// The caller's array of `count` ranges at `p`, as the library's own type.
+pub(crate) fn ranges_in<'a>(p: *const qbm_range, count: usize) -> Result<&'a [ByteRange]> {
+    if p.is_null() {
+        return Err(invalid("ranges is NULL"));
+    }
+    if count > isize::MAX as usize / std::mem::size_of::<qbm_range>() {
+        return Err(invalid(format!("range count {count} is too large")));
+    }
+    const _: () = assert!(
+        std::mem::size_of::<qbm_range>() == std::mem::size_of::<ByteRange>()
+            && std::mem::align_of::<qbm_range>() == std::mem::align_of::<ByteRange>()
+    );
+    // SAFETY: the caller promises `count` readable `struct qbm_range` at `p`
+    // (C API convention), unchanged during the call; `count` bytes fit in
+    // isize (checked). `qbm_range` and `ByteRange` are both repr(C) with
+    // the same two u64 fields in the same order, so the layouts match (size
+    // and alignment asserted above) and every bit pattern is valid.
+    Ok(unsafe { std::slice::from_raw_parts(p.cast::<ByteRange>(), count) })
 }
 
 /// The live handle behind `p`, or None (no message: for hot paths that

@@ -92,6 +92,15 @@ pub struct qbm_create_options {
     pub data_file: *const c_char,
 }
 
+/// One guest write of a batch given to `qbm_mark_dirty_many`: bytes
+/// `[offset, offset + length)` of the virtual disk.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct qbm_range {
+    pub offset: u64,
+    pub length: u64,
+}
+
 /// Facts about an open image, filled by `qbm_image_get_info`. A `struct_size`
 /// below this version's size or above 4096 is -EINVAL; bytes of a longer
 /// struct past the fields this version knows are left alone.

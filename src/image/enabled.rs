@@ -22,7 +22,7 @@
 //! `retire`d here: their memory goes back once nobody but the published
 //! lists holds them (an `Extents` iterator may still be reading one).
 
-use crate::bitmap::{DirtyBitmap, HotSet, Marker};
+use crate::bitmap::{ByteRange, DirtyBitmap, HotSet, Marker};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -90,6 +90,16 @@ impl EnabledSet {
         match self.hot.mark_fast(offset, last) {
             Some(done) => done,
             None => self.all(|m| m.mark_fast(offset, last)),
+        }
+    }
+
+    /// [`crate::bitmap::Marker::mark_many_fast`] on every enabled bitmap:
+    /// true when all took every range. Same guarantees as `all`.
+    #[inline]
+    pub fn mark_many_fast(&self, ranges: &[ByteRange]) -> bool {
+        match self.hot.mark_many_fast(ranges) {
+            Some(done) => done,
+            None => self.all(|m| m.mark_many_fast(ranges)),
         }
     }
 

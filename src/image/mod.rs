@@ -19,6 +19,7 @@ pub use check::{check_file, check_storage, CheckOptions, CheckReport};
 pub use create::CreateOptions;
 pub use intent::{IntentStats, AUTOCLEAR_WRITE_INTENT, RECORD_MAGIC};
 
+use crate::bitmap::ByteRange;
 use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::extension::{self, Extension};
@@ -283,6 +284,41 @@ impl Image {
             Some(i) => self.mark_durable(i, offset, length),
             None => Ok(()),
         }
+    }
+
+    /// Marks a batch of writes, each as [`Image::mark_dirty`] would, with
+    /// one set of enabled bitmaps for the whole batch: a VMM that completes
+    /// several requests at once (a virtqueue, an io_uring completion batch)
+    /// marks them in one call, and the marks of different writes overlap
+    /// their cache misses instead of waiting for each other. Every range is
+    /// checked first: an invalid one fails the call with nothing marked. In
+    /// write-intent mode a failure to make the marks durable may leave some
+    /// ranges marked in memory; marking again is harmless.
+    pub fn mark_dirty_many(&self, ranges: &[ByteRange]) -> Result<()> {
+        let size = self.size.load(Ordering::Relaxed);
+        for (i, r) in ranges.iter().enumerate() {
+            match r.offset.checked_add(r.length) {
+                Some(end) if self.tracking && end <= size => {}
+                _ => {
+                    let e = self.mark_error(r.offset, r.length);
+                    return Err(e.context(&format!("range {i} of {}", ranges.len())));
+                }
+            }
+        }
+        if self.intent.is_none() && self.enabled.mark_many_fast(ranges) {
+            return Ok(());
+        }
+        self.enabled.for_each(|b| {
+            for r in ranges {
+                b.mark_bytes(r.offset, r.length);
+            }
+        });
+        if let Some(i) = &self.intent {
+            for r in ranges {
+                self.mark_durable(i, r.offset, r.length)?;
+            }
+        }
+        Ok(())
     }
 
     /// Marks in memory only.
