@@ -301,7 +301,7 @@ impl Image {
                 Some(end) if self.tracking && end <= size => {}
                 _ => {
                     let e = self.mark_error(r.offset, r.length);
-                    return Err(e.context(&format!("range {i} of {}", ranges.len())));
+                    return Err(e.context(format!("range {i} of {}", ranges.len())));
                 }
             }
         }
