@@ -503,19 +503,24 @@ impl DirtyBitmap {
     /// See [`Marker::mark_fast`].
     #[inline(always)]
     fn mark_fast(&self, offset: u64, last: u64) -> bool {
+        // After the bit (see `set_bits` and `forward_to`): one load decides
+        // that `modified` is raised and nothing is forwarded.
+        self.set_granule_fast(offset, last) && self.state.load(SeqCst) == MODIFIED
+    }
+
+    /// Sets the bit of guest bytes `[offset, last]` when they lie in one
+    /// granule of an installed block inside the disk; false (nothing set)
+    /// otherwise. Does not raise `modified`.
+    #[inline(always)]
+    fn set_granule_fast(&self, offset: u64, last: u64) -> bool {
         let g = self.granularity_bits;
-        let bit = offset.wrapping_shr(g);
-        if last >= self.size || bit != last.wrapping_shr(g) {
+        // One granule (so `offset <= last`, no wrap) inside the disk.
+        if last >= self.size || (offset ^ last).wrapping_shr(g) != 0 {
             return false;
         }
         // SAFETY: `hot` points into `self`'s mapping, and
-        // `bit <= last >> g < bit_count` since `last < size`.
-        if unsafe { self.hot.set_installed_bit(bit) }.is_none() {
-            return false;
-        }
-        // After the bit (see `set_bits` and `forward_to`): one load decides
-        // that `modified` is raised and nothing is forwarded.
-        self.state.load(SeqCst) == MODIFIED
+        // `offset >> g == last >> g < bit_count` since `last < size`.
+        unsafe { self.hot.set_installed_bit(offset.wrapping_shr(g)) }.is_some()
     }
 
     /// [`DirtyBitmap::mark_fast`] over a batch, one bitmap at a time: the
@@ -524,32 +529,17 @@ impl DirtyBitmap {
     /// common case (some ranges may be marked by then).
     #[inline(always)]
     fn mark_many_fast(&self, ranges: &[ByteRange]) -> bool {
-        let (g, size, hot) = (self.granularity_bits, self.size, self.hot);
-        if hot.table.is_null() {
+        if self.hot.table.is_null() {
             // Flat: start every word's cache miss before the first one is
             // waited for (a prefetch never faults, whatever the address).
             for r in ranges {
-                let w = (r.offset.wrapping_shr(g) / WORD_BITS) as usize;
-                prefetch_for_write(hot.arena.wrapping_add(w));
+                let w = (r.offset.wrapping_shr(self.granularity_bits) / WORD_BITS) as usize;
+                prefetch_for_write(self.hot.arena.wrapping_add(w));
             }
         }
-        for r in ranges {
-            if r.length == 0 {
-                continue;
-            }
-            let last = r.offset.wrapping_add(r.length - 1);
-            // One granule (so `offset <= last`, no wrap) inside the disk.
-            if last >= size || (r.offset ^ last).wrapping_shr(g) != 0 {
-                return false;
-            }
-            // SAFETY: `hot` points into `self`'s mapping, and
-            // `offset >> g == last >> g < bit_count` since `last < size`.
-            if unsafe { hot.set_installed_bit(r.offset.wrapping_shr(g)) }.is_none() {
-                return false;
-            }
-        }
-        // After every bit, as in `mark_fast`.
-        self.state.load(SeqCst) == MODIFIED
+        ranges.iter().all(|r| {
+            r.length == 0 || self.set_granule_fast(r.offset, r.offset.wrapping_add(r.length - 1))
+        }) && self.state.load(SeqCst) == MODIFIED
     }
 
     /// Next dirty extent in guest bytes at or after `from`, as `(start, len)`,
@@ -1700,6 +1690,20 @@ impl HotSet {
     /// shared writes but the bits themselves.
     #[inline(always)]
     pub fn mark_fast(&self, offset: u64, last: u64) -> Option<bool> {
+        self.all(|bm| bm.mark_fast(offset, last))
+    }
+
+    /// [`HotSet::mark_fast`] for a batch of writes: every range in every
+    /// bitmap of the set, bitmap by bitmap.
+    #[inline]
+    pub fn mark_many_fast(&self, ranges: &[ByteRange]) -> Option<bool> {
+        self.all(|bm| bm.mark_many_fast(ranges))
+    }
+
+    /// Calls `f` on every bitmap of the set until it returns false, under
+    /// the sequence check the marking calls above describe.
+    #[inline(always)]
+    fn all(&self, mut f: impl FnMut(&DirtyBitmap) -> bool) -> Option<bool> {
         let seq = self.seq.load(Acquire);
         let len = self.len.load(Acquire);
         if seq & 1 != 0 || len > HOT_MAX {
@@ -1713,38 +1717,12 @@ impl HotSet {
             // SAFETY: every non-null pointer ever stored in an entry is that
             // of a bitmap `keep` holds until `self` is dropped, and `self`
             // outlives this call.
-            let bm = unsafe { &*p };
-            if !bm.mark_fast(offset, last) {
+            if !f(unsafe { &*p }) {
                 return Some(false);
             }
         }
         // Orders the entry loads before the second sequence load (pairs
         // with the writer's fence).
-        fence(Acquire);
-        (self.seq.load(Relaxed) == seq).then_some(true)
-    }
-
-    /// [`HotSet::mark_fast`] for a batch of writes: every range in every
-    /// bitmap of the set, bitmap by bitmap.
-    #[inline]
-    pub fn mark_many_fast(&self, ranges: &[ByteRange]) -> Option<bool> {
-        let seq = self.seq.load(Acquire);
-        let len = self.len.load(Acquire);
-        if seq & 1 != 0 || len > HOT_MAX {
-            return None;
-        }
-        for e in self.entries.iter().take(len) {
-            let p = e.load(Acquire);
-            if p.is_null() {
-                return Some(false);
-            }
-            // SAFETY: as in `mark_fast`.
-            let bm = unsafe { &*p };
-            if !bm.mark_many_fast(ranges) {
-                return Some(false);
-            }
-        }
-        // As in `mark_fast`.
         fence(Acquire);
         (self.seq.load(Relaxed) == seq).then_some(true)
     }

@@ -193,6 +193,35 @@ fn group_commit_shares_flushes() {
 }
 
 #[test]
+fn a_batch_of_marks_is_made_durable_in_one_round() {
+    let bytes = base(256 * GIB, 64 * KIB, &[("a", 64 * KIB)]);
+    let s = Counting::new(bytes, Duration::ZERO);
+    let img = Image::open_storage(Box::new(s.clone()), "wi", wi()).unwrap();
+    // 32 writes, each in a distinct 512-byte sector of the bitmap.
+    let batch: Vec<qbm::ByteRange> = (0..32u64)
+        .map(|k| qbm::ByteRange {
+            offset: k * 4096 * 64 * KIB,
+            length: 4096,
+        })
+        .collect();
+    let (rounds, (_, f0)) = (img.intent_stats().rounds, s.counts());
+    img.mark_dirty_many(&batch).unwrap();
+    assert_eq!(img.intent_stats().rounds, rounds + 1);
+    assert_eq!(s.counts().1, f0 + 1, "one flush for the batch");
+    // Durable already: nothing left to sync for any of them.
+    for r in &batch {
+        assert!(!img.mark_dirty_nowait(r.offset, r.length).unwrap());
+    }
+    crash(img);
+    let img = s.reopen(OpenOptions::read_write());
+    let e: Vec<_> = img.extents("a").unwrap().collect();
+    assert_eq!(e.len(), batch.len(), "{e:?}");
+    for r in &batch {
+        assert!(covers(&e, r.offset, r.length), "{r:?} lost: {e:?}");
+    }
+}
+
+#[test]
 fn management_changes_are_durable_at_once() {
     let bytes = base(GIB, 64 * KIB, &[("a", 64 * KIB)]);
     let s = Counting::new(bytes, Duration::ZERO);

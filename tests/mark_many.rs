@@ -8,20 +8,12 @@ mod common;
 use common::*;
 use qbm::image::{CreateOptions, Image, OpenOptions};
 use qbm::ByteRange;
-use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::Path;
 
 const GIB: u64 = 1 << 30;
 const GRANULARITIES: [(&str, u64); 3] = [("g64k", 64 << 10), ("g512", 512), ("g2m", 2 << 20)];
 
-fn temp_image(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qbm-many-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("disk.qcow2")
-}
-
-fn new_image(path: &PathBuf, size: u64) -> Image {
+fn new_image(path: &Path, size: u64) -> Image {
     let img = Image::create(
         path,
         &CreateOptions {
@@ -35,20 +27,6 @@ fn new_image(path: &PathBuf, size: u64) -> Image {
     }
     img.add_bitmap("disabled", None, false).unwrap();
     img
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A guest write: mostly 4 KiB at random, some spanning granules, some
@@ -87,27 +65,20 @@ fn extents(img: &Image, name: &str) -> Vec<(u64, u64)> {
 /// The dirty runs a bitmap of granularity `g` must hold after `ranges`,
 /// computed without the library.
 fn model_runs(ranges: &[ByteRange], g: u64, size: u64) -> Vec<(u64, u64)> {
-    let mut granules = BTreeSet::new();
-    for r in ranges.iter().filter(|r| r.length > 0) {
-        granules.extend(r.offset / g..=(r.offset + r.length - 1) / g);
+    let mut model = Model::new(size, g);
+    for r in ranges {
+        model.mark(r.offset, r.length);
     }
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for k in granules {
-        let (start, end) = (k * g, ((k + 1) * g).min(size));
-        match runs.last_mut() {
-            Some((s, l)) if *s + *l == start => *l = end - *s,
-            _ => runs.push((start, end - start)),
-        }
-    }
-    runs
+    model.extents()
 }
 
 #[test]
 fn a_batch_sets_what_single_marks_set() {
     let size = GIB + 12345 * 512; // a disk that ends inside a granule
-    let (pa, pb) = (temp_image("batch"), temp_image("single"));
+    let dir = TempDir::new("many");
+    let (pa, pb) = (dir.join("batch.qcow2"), dir.join("single.qcow2"));
     let (mut batched, mut single) = (new_image(&pa, size), new_image(&pb, size));
-    let mut rng = Rng(0x2545F4914F6CDD1D);
+    let mut rng = Rng::new(0x2545F4914F6CDD1D);
     let mut all = Vec::new();
     for round in 0..300 {
         let n = rng.below(80) as usize;
@@ -164,7 +135,8 @@ fn a_batch_sets_what_single_marks_set() {
 #[test]
 fn a_batch_with_a_bad_range_marks_nothing() {
     let size = 64 << 20;
-    let path = temp_image("bad");
+    let dir = TempDir::new("many-bad");
+    let path = dir.join("disk.qcow2");
     let img = new_image(&path, size);
     let good = ByteRange {
         offset: 4096,

@@ -30,7 +30,7 @@
 
 use super::bitmaps::Slot;
 use super::{Image, State};
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{ByteRange, DirtyBitmap};
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::DirEntry;
 use crate::format::bitmap_table::TableEntry;
@@ -249,13 +249,22 @@ impl Image {
         any
     }
 
-    /// Write-intent part of a mark: returns once the marked bits are durable.
-    pub(crate) fn mark_durable(&self, intent: &Intent, offset: u64, length: u64) -> Result<()> {
-        if self.marks_durable(offset, length) {
+    /// Write-intent part of a mark (or of a batch of marks): returns once
+    /// the marked bits are durable, after one shared round however many
+    /// ranges lack them.
+    pub(crate) fn mark_durable(&self, intent: &Intent, ranges: &[ByteRange]) -> Result<()> {
+        if ranges
+            .iter()
+            .all(|r| self.marks_durable(r.offset, r.length))
+        {
             return Ok(());
         }
         let mut c = self.commit_lock(intent)?;
-        if !self.queue_missing(&mut c, offset, length) {
+        let mut any = false;
+        for r in ranges {
+            any |= self.queue_missing(&mut c, r.offset, r.length);
+        }
+        if !any {
             return Ok(());
         }
         let round = c.started + 1;

@@ -281,7 +281,7 @@ impl Image {
     pub fn mark_dirty(&self, offset: u64, length: u64) -> Result<()> {
         self.mark_dirty_plain(offset, length)?;
         match &self.intent {
-            Some(i) => self.mark_durable(i, offset, length),
+            Some(i) => self.mark_durable(i, &[ByteRange { offset, length }]),
             None => Ok(()),
         }
     }
@@ -297,13 +297,8 @@ impl Image {
     pub fn mark_dirty_many(&self, ranges: &[ByteRange]) -> Result<()> {
         let size = self.size.load(Ordering::Relaxed);
         for (i, r) in ranges.iter().enumerate() {
-            match r.offset.checked_add(r.length) {
-                Some(end) if self.tracking && end <= size => {}
-                _ => {
-                    let e = self.mark_error(r.offset, r.length);
-                    return Err(e.context(format!("range {i} of {}", ranges.len())));
-                }
-            }
+            self.check_mark(r.offset, r.length, size)
+                .map_err(|e| e.context(format!("range {i} of {}", ranges.len())))?;
         }
         if self.intent.is_none() && self.enabled.mark_many_fast(ranges) {
             return Ok(());
@@ -313,25 +308,29 @@ impl Image {
                 b.mark_bytes(r.offset, r.length);
             }
         });
-        if let Some(i) = &self.intent {
-            for r in ranges {
-                self.mark_durable(i, r.offset, r.length)?;
-            }
+        match &self.intent {
+            Some(i) => self.mark_durable(i, ranges),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Marks in memory only.
     #[inline]
     fn mark_dirty_plain(&self, offset: u64, length: u64) -> Result<()> {
-        match offset.checked_add(length) {
-            Some(end) if self.tracking && end <= self.size.load(Ordering::Relaxed) => {}
-            _ => return Err(self.mark_error(offset, length)),
-        }
+        self.check_mark(offset, length, self.size.load(Ordering::Relaxed))?;
         self.enabled.for_each(|b| {
             b.mark_bytes(offset, length);
         });
         Ok(())
+    }
+
+    /// A mark of `[offset, offset + length)` is allowed on a disk of `size` bytes.
+    #[inline]
+    fn check_mark(&self, offset: u64, length: u64, size: u64) -> Result<()> {
+        match offset.checked_add(length) {
+            Some(end) if self.tracking && end <= size => Ok(()),
+            _ => Err(self.mark_error(offset, length)),
+        }
     }
 
     /// The common case of [`Image::mark_dirty`] for the C hot path, without
