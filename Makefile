@@ -22,22 +22,23 @@ CTEST_LINK := -I include -L $(LIBDIR_OUT) -Wl,-rpath,$(abspath $(LIBDIR_OUT)) -l
 C_TESTS    := $(patsubst c-tests/%.c,$(OUT)/c-tests/%,$(filter-out c-tests/demo.c,$(wildcard c-tests/*.c)))
 
 
-.PHONY: all lib bin bench fuzz check-install check check-rust check-header check-c check-stress check-tsan check-examples check-python check-readme demo install clean
+.PHONY: all lib bin bench fuzz check-install check check-rust check-cli check-header check-c check-stress check-tsan check-examples check-python check-readme demo install clean
 
 all: lib bin
 
 # The CLI is linked statically (static-pie: glibc's libc.a, ASLR kept) when
 # the toolchain can: a command run once per disk by a backup script starts in
 # ~0.9 ms and ~1.9 MiB instead of ~1.5 ms and ~2.8 MiB (ld.so, libc.so and
-# libgcc_s mapped in). Only the binary's final link changes (cargo rustc
-# passes the flag to it alone); the libraries stay dynamic. build/bin/qbm is
+# libgcc_s mapped in). It is built with the `cli` profile (Cargo.toml: small
+# code, LTO), into target/cli; the flag reaches the binary's final link alone
+# (cargo rustc) and the libraries stay as they are. build/bin/qbm is
 # what `make install` and `make bench` use: `cargo test` rebuilds
 # target/release/qbm its own way.
 bin:
 	mkdir -p $(OUT)/bin
-	$(CARGO) rustc --release --bin qbm -- -C target-feature=+crt-static || \
-	  { echo "(no static libc: linking qbm dynamically)"; $(CARGO) build --release --bin qbm; }
-	cp $(RELEASE)/qbm $(OUT)/bin/.qbm.tmp
+	$(CARGO) rustc --profile cli --bin qbm -- -C target-feature=+crt-static || \
+	  { echo "(no static libc: linking qbm dynamically)"; $(CARGO) build --profile cli --bin qbm; }
+	cp target/cli/qbm $(OUT)/bin/.qbm.tmp
 	mv -f $(OUT)/bin/.qbm.tmp $(OUT)/bin/qbm
 
 # cargo builds both libraries; the versioned names and links match what
@@ -52,13 +53,18 @@ lib:
 	ln -sf $(SONAME) $(LIBDIR_OUT)/libqbm.so
 	cp $(RELEASE)/libqbm.a $(LIBDIR_OUT)/libqbm.a
 
-check: check-rust check-header check-c check-stress check-examples check-python check-readme check-install
+check: check-rust check-cli check-header check-c check-stress check-examples check-python check-readme check-install
 	@echo "make check: all passed"
 
 check-rust:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --release
+
+# The CLI's tests once more against the binary `make install` ships (the
+# `cli` profile, linked statically), not only cargo's release build.
+check-cli: bin
+	QBM_CLI=$(abspath $(OUT)/bin/qbm) $(CARGO) test --release --test cli
 
 # The committed header must be what cbindgen generates from src/ffi.
 check-header: lib

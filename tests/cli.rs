@@ -8,7 +8,9 @@
 //! The QEMU tests are a loud skip when QEMU's tools are missing, and fail
 //! under CI=true.
 //!
-//! Run: `cargo test --release --test cli`.
+//! Run: `cargo test --release --test cli`. `QBM_CLI=PATH` runs the same
+//! tests against another build of the binary (`make check-cli` runs them on
+//! the installed one, `make bin`'s static `cli`-profile build).
 
 use serde_json::Value;
 use std::fs;
@@ -19,7 +21,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const QBM: &str = env!("CARGO_BIN_EXE_qbm");
+/// The binary under test: cargo's build, or `QBM_CLI`.
+fn qbm_exe() -> String {
+    std::env::var("QBM_CLI").unwrap_or_else(|_| env!("CARGO_BIN_EXE_qbm").to_string())
+}
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -81,12 +86,13 @@ fn describe(program: &str, args: &[&str]) -> String {
 
 /// Runs `qbm ARGS` with backtraces enabled, so a panic could not hide.
 fn qbm_output(args: &[&str]) -> Output {
-    Command::new(QBM)
+    let exe = qbm_exe();
+    Command::new(&exe)
         .args(args)
         .env("RUST_BACKTRACE", "1")
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", describe(QBM, args)))
+        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", describe(&exe, args)))
 }
 
 fn assert_no_panic(args: &[&str], out: &Output) {
