@@ -54,7 +54,14 @@ impl Allocator {
         storage
             .read_at(&mut buf, table_offset)
             .map_err(|e| Error::io("reading the refcount table", e))?;
-        let table = refcount::parse_table(&buf, cluster_size)?;
+        // Only entries up to the last block in use: a table has room for
+        // growth (a 1 GiB image's names one block of 8,192 entries), and an
+        // entry past `table.len()` reads as "no block".
+        let used = buf
+            .chunks_exact(8)
+            .rposition(|e| e.iter().any(|&b| b != 0))
+            .map_or(0, |i| (i + 1) * 8);
+        let table = refcount::parse_table(&buf[..used], cluster_size)?;
         if let Some((i, &off)) = table
             .iter()
             .enumerate()
@@ -421,6 +428,26 @@ mod tests {
                 "double free is refused"
             );
         }
+    }
+
+    #[test]
+    fn a_loaded_table_holds_only_the_entries_in_use() {
+        // A 64 KiB table cluster has room for 8,192 entries; one is used.
+        let (st, mut a) = fresh(16, 4);
+        assert_eq!(a.table.len(), 1);
+        assert_eq!(a.table_capacity(), 8192);
+        // Past the used entries: no block, refcount 0, and an allocation
+        // that needs a second block adds the entry in place.
+        let per_block = refcount::entries_per_block(16, 4);
+        assert_eq!(a.refcount(&st, per_block + 5).unwrap(), 0);
+        // Clusters 0-2 are taken: this run ends in block 1.
+        a.allocate(&st, per_block).unwrap();
+        let (st_bytes, cs) = (st.contents(), 65536usize);
+        let entry1 = u64::from_be_bytes(st_bytes[cs + 8..cs + 16].try_into().unwrap());
+        assert_ne!(entry1, 0, "table entry 1 written");
+        let reloaded = Allocator::load(&st, 16, 4, cs as u64, 1).unwrap();
+        assert_eq!(reloaded.table.len(), 2);
+        assert_eq!(reloaded.table[1], entry1);
     }
 
     #[test]
