@@ -28,7 +28,7 @@ all: lib bin
 
 # The CLI is linked statically (static-pie: glibc's libc.a, ASLR kept) when
 # the toolchain can: a command run once per disk by a backup script starts in
-# ~0.9 ms and ~1.9 MiB instead of ~1.5 ms and ~2.8 MiB (ld.so, libc.so and
+# ~0.9 ms and ~1.5 MiB instead of ~1.5 ms and ~2.8 MiB (ld.so, libc.so and
 # libgcc_s mapped in). It is built with the `cli` profile (Cargo.toml: small
 # code, LTO), into target/cli; the flag reaches the binary's final link alone
 # (cargo rustc) and the libraries stay as they are. build/bin/qbm is

@@ -669,7 +669,7 @@ fn usage_errors_are_one_line() {
     for (args, what) in &cases {
         fail(args, &[], what);
     }
-    // No subcommand, or an unknown one: a failure, whatever clap prints.
+    // No subcommand, or an unknown one: a failure with a message.
     for args in [vec![], vec!["frobnicate", img.as_str()]] {
         let out = qbm_output(&args);
         assert_no_panic(&args, &out);

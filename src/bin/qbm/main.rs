@@ -1,188 +1,15 @@
 //! `qbm`: every bitmap operation of libqbm at a shell. Thin: parse the
 //! arguments, call the Rust API, print. Argument orders follow qemu-img's.
 
-use clap::{Args, Parser, Subcommand};
+mod args;
+
+use args::{Cli, Command, Outcome};
 use qbm::image::{
     check_file, BitmapInfo, CheckOptions, CheckReport, CreateOptions, Image, ImageInfo, OpenOptions,
 };
 use qbm::Error;
 use serde_json::json;
 use std::process::ExitCode;
-
-#[derive(Parser)]
-#[command(
-    name = "qbm",
-    version,
-    about = "QEMU-compatible persistent dirty bitmaps for qcow2 images"
-)]
-struct Cli {
-    /// Open without QEMU's image locks, like `qemu-img -U` (read-only commands).
-    #[arg(short = 'U', long, global = true)]
-    force_share: bool,
-    /// Open read-write images in write-intent mode (changes are made durable
-    /// in place at once; the bitmaps survive a crash). Any read-write open
-    /// recovers bitmaps a crashed write-intent session left.
-    #[arg(long, global = true)]
-    write_intent: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Create a new qcow2 v3 image (the file must not exist).
-    Create {
-        /// Cluster size (512 to 2M).
-        #[arg(long, value_parser = parse_size, default_value = "64k")]
-        cluster_size: u64,
-        /// Refcount width in bits (1, 2, 4, 8, 16, 32, 64).
-        #[arg(long, default_value_t = 16)]
-        refcount_bits: u32,
-        /// Make a metadata companion for this existing raw disk (external
-        /// data file, data-file-raw); the raw file is never written. The name
-        /// is stored as given: QEMU resolves a relative one against its
-        /// working directory.
-        #[arg(long, value_name = "RAW")]
-        data_file: Option<String>,
-        image: String,
-        /// Virtual size, with an optional k/M/G/T suffix (default with
-        /// --data-file: the raw file's size).
-        #[arg(value_parser = parse_size, required_unless_present = "data_file")]
-        size: Option<u64>,
-    },
-    /// Show the image and every bitmap.
-    Info {
-        #[arg(long)]
-        json: bool,
-        /// Also count each bitmap's dirty bytes (reads every bitmap's data).
-        #[arg(long)]
-        count: bool,
-        image: String,
-    },
-    /// Add an empty bitmap.
-    Add {
-        /// Granularity (512 to 2G, a power of two; default: QEMU's).
-        #[arg(short = 'g', long, value_parser = parse_size)]
-        granularity: Option<u64>,
-        /// Create it disabled (not marked by writes).
-        #[arg(long)]
-        disable: bool,
-        image: String,
-        name: String,
-    },
-    /// Remove a bitmap (also an inconsistent one).
-    Remove(ImageBitmap),
-    /// Clear every bit of a bitmap.
-    Clear(ImageBitmap),
-    /// Enable a bitmap: writes mark it.
-    Enable(ImageBitmap),
-    /// Disable (freeze) a bitmap.
-    Disable(ImageBitmap),
-    /// Rename a bitmap.
-    Rename {
-        image: String,
-        old: String,
-        new: String,
-    },
-    /// Merge SOURCE_NAME (of SOURCE_IMG, default IMG) into NAME of IMG.
-    Merge {
-        /// The image holding the source bitmap.
-        #[arg(short = 'b', value_name = "SOURCE_IMG")]
-        source_image: Option<String>,
-        source_name: String,
-        image: String,
-        name: String,
-    },
-    /// Mark OFFSET..OFFSET+LENGTH dirty in one bitmap.
-    Set(ImageBitmapRange),
-    /// Clear OFFSET..OFFSET+LENGTH (granularity aligned) in one bitmap.
-    Reset(ImageBitmapRange),
-    /// Print the dirty extents of a bitmap, one "start length" per line.
-    Extents {
-        #[arg(long)]
-        json: bool,
-        /// Only extents at or after this offset.
-        #[arg(long, value_parser = parse_size)]
-        offset: Option<u64>,
-        /// Only this many bytes from --offset.
-        #[arg(long, value_parser = parse_size, requires = "offset")]
-        length: Option<u64>,
-        image: String,
-        name: String,
-    },
-    /// Grow or shrink the virtual disk and every bitmap with it (a
-    /// multiple of 512; bits past a shrunken end are dropped).
-    Resize {
-        image: String,
-        #[arg(value_parser = parse_size)]
-        size: u64,
-    },
-    /// Recompute every cluster's references and compare them with the
-    /// refcounts, as `qemu-img check` does (exit 2: corruptions, 3: leaks
-    /// only); list inconsistent bitmaps. --repair fixes leaks and removes
-    /// inconsistent bitmaps.
-    Check {
-        #[arg(long)]
-        json: bool,
-        /// Remove inconsistent (in use) bitmaps; they can never be used again.
-        #[arg(long)]
-        repair: bool,
-        image: String,
-    },
-}
-
-#[derive(Args)]
-struct ImageBitmap {
-    image: String,
-    name: String,
-}
-
-#[derive(Args)]
-struct ImageBitmapRange {
-    image: String,
-    name: String,
-    #[arg(value_parser = parse_size)]
-    offset: u64,
-    #[arg(value_parser = parse_size)]
-    length: u64,
-}
-
-/// "512", "64k", "1.5G"... as qemu-img reads sizes (binary multiples).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_lowercase() {
-                'b' => 0,
-                'k' => 10,
-                'm' => 20,
-                'g' => 30,
-                't' => 40,
-                'p' => 50,
-                'e' => 60,
-                _ => {
-                    return Err(format!(
-                        "unknown size suffix '{c}' in '{s}' (use k, M, G, T)"
-                    ))
-                }
-            };
-            (&s[..i], 1u64 << shift)
-        }
-        _ => (s, 1),
-    };
-    let bad = || format!("'{s}' is not a size (a number with an optional k, M, G or T suffix)");
-    if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(mult)
-            .ok_or_else(|| format!("size '{s}' is too large"));
-    }
-    let f: f64 = num.parse().map_err(|_| bad())?;
-    let bytes = f * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
-        return Err(bad());
-    }
-    Ok(bytes as u64)
-}
 
 /// Every command opens lazily (bitmap data read only where a command needs
 /// it) unless --write-intent asks for a tracking session.
@@ -566,23 +393,15 @@ fn print_check(r: &CheckReport) {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        // --help and --version succeed and print as clap prints them.
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
+    let cli = match args::parse(std::env::args_os().skip(1)) {
+        Outcome::Run(cli) => cli,
+        Outcome::Print(text) => {
+            print!("{text}");
             return ExitCode::SUCCESS;
         }
         // Usage errors fail like any other error: one line on stderr.
-        Err(e) => {
-            let text = e.render().to_string();
-            let first = text.split("\n\n").next().unwrap_or_default();
-            let words: Vec<&str> = first
-                .trim()
-                .trim_start_matches("error: ")
-                .split_whitespace()
-                .collect();
-            eprintln!("qbm: {} (see qbm --help)", words.join(" "));
+        Outcome::Usage(e) => {
+            eprintln!("qbm: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -592,25 +411,5 @@ fn main() -> ExitCode {
             eprintln!("qbm: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_follow_qemu_img() {
-        assert_eq!(parse_size("512"), Ok(512));
-        assert_eq!(parse_size("64k"), Ok(65536));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        assert_eq!(parse_size("16T"), Ok(16 << 40));
-        assert!(parse_size("12x").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999999999999").is_err());
-        assert!(parse_size("20000000E").is_err());
     }
 }
