@@ -517,6 +517,8 @@ impl State {
         if !buf.is_empty() {
             self.write(&buf, buf_at, &format!("bitmap '{name}' data"))?;
         }
+        // Their memory serves the table next (a CLI's peak is these buffers).
+        drop((buf, cluster));
         let mut table = bitmap_table::encode(&kinds);
         table.resize((table_clusters * cs) as usize, 0);
         self.write(&table, next, &format!("bitmap '{name}' table"))?;

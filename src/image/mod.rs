@@ -503,6 +503,8 @@ impl State {
         } else {
             Vec::new()
         };
+        // Its memory serves the refcount table next (a CLI's peak).
+        drop(c0);
         let alloc = if writable {
             Some(Allocator::load(
                 storage.as_ref(),

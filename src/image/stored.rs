@@ -363,6 +363,8 @@ impl State {
             }
         }
         self.write_clusters(&name, &mut pending, &mut pending_index, &mut result)?;
+        // Their memory serves the table next (a CLI's peak is these buffers).
+        drop((pending, a, b));
         if changed {
             self.replace_stored_table(dst, result)?;
         }
