@@ -117,6 +117,14 @@ impl State {
             .map_err(|e| Error::io(format!("writing {what} at {offset:#x}"), e))
     }
 
+    /// [`State::write`] for bulk bitmap data that a flush will soon need
+    /// durable: its writeback starts at once (see `Storage::start_writeback`).
+    pub(super) fn write_data(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+        self.write(buf, offset, what)?;
+        self.storage.start_writeback(offset, buf.len() as u64);
+        Ok(())
+    }
+
     /// Parses the directory named by the bitmaps extension and loads every
     /// bitmap that is consistent and understood. `layout` holds the
     /// structures cluster 0 names; the directory and the bitmap tables and
@@ -509,13 +517,13 @@ impl State {
             *kind = TableEntry::Data(next);
             next += cs;
             if buf.len() as u64 >= per_chunk * cs {
-                self.write(&buf, buf_at, &format!("bitmap '{name}' data"))?;
+                self.write_data(&buf, buf_at, &format!("bitmap '{name}' data"))?;
                 buf_at = next;
                 buf.clear();
             }
         }
         if !buf.is_empty() {
-            self.write(&buf, buf_at, &format!("bitmap '{name}' data"))?;
+            self.write_data(&buf, buf_at, &format!("bitmap '{name}' data"))?;
         }
         // Their memory serves the table next (a CLI's peak is these buffers).
         drop((buf, cluster));

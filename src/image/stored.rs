@@ -405,7 +405,7 @@ impl State {
         }
         let cs = self.cluster_size();
         let base = self.allocate(index.len() as u64)?;
-        self.write(bytes, base, &format!("bitmap '{name}' data"))?;
+        self.write_data(bytes, base, &format!("bitmap '{name}' data"))?;
         for (n, &k) in index.iter().enumerate() {
             table[k] = TableEntry::Data(base + n as u64 * cs);
         }
