@@ -1711,11 +1711,11 @@ impl HotSet {
         }
         for e in self.entries.iter().take(len) {
             let p = e.load(Acquire);
-            if p.is_null() {
-                return Some(false);
-            }
-            // SAFETY: every non-null pointer ever stored in an entry is that
-            // of a bitmap `keep` holds until `self` is dropped, and `self`
+            debug_assert!(!p.is_null());
+            // SAFETY: entries below a published `len` were stored before it
+            // (Release, read above with Acquire) and are never reset, so `p`
+            // is non-null; every pointer stored in an entry is that of a
+            // bitmap `keep` holds until `self` is dropped, and `self`
             // outlives this call.
             if !f(unsafe { &*p }) {
                 return Some(false);
