@@ -99,6 +99,9 @@ def item1(tmp):
         "info", None, "baseline: pthread mutex + the two ORs")
     row("1 mark", "mark, 16 TiB, same arrays behind a mutex", m["mark_16t_qbm"], m["mark_16t_mutex"], "ns",
         "info", None, "baseline: pthread mutex + the two ORs")
+    row("1 mark", "mark, 1 GiB, 2 threads, same arrays behind a mutex (CPU ns/call, aggregate)",
+        m["mark_1g_qbm_2t"], m["mark_1g_mutex_2t"], "ns", "info", None,
+        "both threads mark at once: the mutex's line moves between the cores")
     for ws, key in (("1 GiB", "1g"), ("16 TiB", "16t")):
         one, two = m[f"mark_{key}_qbm"], m[f"mark_{key}_qbm_2t"]
         # The bare loop's own scaling in the same run: what the two vCPUs

@@ -55,7 +55,7 @@ impl Allocator {
             .read_at(&mut buf, table_offset)
             .map_err(|e| Error::io("reading the refcount table", e))?;
         // Only entries up to the last block in use: a table has room for
-        // growth (a 1 GiB image's names one block of 8,192 entries), and an
+        // growth (a 1 GiB image uses 1 of its 8,192 entries), and an
         // entry past `table.len()` reads as "no block".
         let used = buf
             .chunks_exact(8)
