@@ -352,8 +352,8 @@ impl State {
             match classify(&a, last, geo.bit_count) {
                 TableEntry::Data(_) => {
                     let at = pending.len();
+                    pending.extend_from_slice(&a);
                     pending.resize(at + cs as usize, 0);
-                    pending[at..at + len].copy_from_slice(&a);
                     pending_index.push(k);
                     if pending_index.len() == batch {
                         self.write_clusters(&name, &mut pending, &mut pending_index, &mut result)?;
@@ -379,11 +379,14 @@ impl State {
         len: usize,
         buf: &mut Vec<u8>,
     ) -> Result<()> {
-        buf.clear();
         match entry {
-            TableEntry::Zeros => buf.resize(len, 0),
-            TableEntry::Ones => buf.resize(len, 0xff),
+            TableEntry::Zeros | TableEntry::Ones => {
+                let fill = if entry == TableEntry::Ones { 0xff } else { 0 };
+                buf.clear();
+                buf.resize(len, fill);
+            }
             TableEntry::Data(off) => {
+                // The read fills it all: only a longer buffer is zeroed first.
                 buf.resize(len, 0);
                 self.read(buf, off, &format!("bitmap '{name}' data"))?;
             }
