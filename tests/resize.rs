@@ -290,3 +290,49 @@ fn marks_racing_with_resize_are_kept() {
     img.close().unwrap();
     assert_eq!(extents(&p, "b"), want.extents());
 }
+
+/// A mark just past the end while resizes move the end back and forth:
+/// each call succeeds or fails with EINVAL naming the size it was checked
+/// against (one at which the range did not fit), never anything else.
+#[test]
+fn marks_past_a_moving_end_fail_cleanly() {
+    let dir = TempDir::new("resize-end");
+    let p = dir.join("e.qcow2");
+    let (small, large) = (128 * MIB, 129 * MIB);
+    let img = Image::create(
+        &p,
+        &CreateOptions {
+            size: small,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img.add_bitmap("b", Some(65536), true).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, refused) = std::thread::scope(|s| {
+        let marker = s.spawn(|| {
+            let (mut ok, mut refused) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match img.mark_dirty(small, 4096) {
+                    Ok(()) => ok += 1,
+                    Err(qbm::Error::InvalidArgument(m)) => {
+                        assert!(
+                            m.contains(&format!("past the end of the disk ({small} bytes)")),
+                            "{m}"
+                        );
+                        refused += 1;
+                    }
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+            (ok, refused)
+        });
+        for i in 0..1000 {
+            img.resize(if i % 2 == 0 { large } else { small }).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        marker.join().unwrap()
+    });
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+    img.close().unwrap();
+}

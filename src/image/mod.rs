@@ -329,7 +329,7 @@ impl Image {
     fn check_mark(&self, offset: u64, length: u64, size: u64) -> Result<()> {
         match offset.checked_add(length) {
             Some(end) if self.tracking && end <= size => Ok(()),
-            _ => Err(self.mark_error(offset, length)),
+            _ => Err(self.mark_error(offset, length, size)),
         }
     }
 
@@ -353,8 +353,10 @@ impl Image {
         self.intent.is_none() && self.enabled.mark_fast(offset, last)
     }
 
+    /// Why a mark of `[offset, offset + length)` on a disk of `size` bytes
+    /// (the size the check read: a resize may change it since) was refused.
     #[cold]
-    fn mark_error(&self, offset: u64, length: u64) -> Error {
+    fn mark_error(&self, offset: u64, length: u64, size: u64) -> Error {
         if !self.writable {
             return self.read_only_error();
         }
@@ -364,23 +366,24 @@ impl Image {
                 self.name
             ));
         }
-        match self.check_range(offset, length, None) {
-            Err(e) => e,
-            Ok(()) => unreachable!("mark_dirty refused a valid range"),
-        }
+        self.range_error(offset, length, None, size)
     }
 
     /// `bitmap` names the bitmap in the message, if one is involved.
     fn check_range(&self, offset: u64, length: u64, bitmap: Option<&str>) -> Result<()> {
+        let size = self.size();
         match offset.checked_add(length) {
-            Some(end) if end <= self.size() => Ok(()),
-            _ => Err(Error::InvalidArgument(format!(
-                "{}: {}range at offset {offset} of length {length} extends past the end of the disk ({} bytes)",
-                self.name,
-                bitmap.map_or(String::new(), |b| format!("bitmap '{b}': ")),
-                self.size()
-            ))),
+            Some(end) if end <= size => Ok(()),
+            _ => Err(self.range_error(offset, length, bitmap, size)),
         }
+    }
+
+    fn range_error(&self, offset: u64, length: u64, bitmap: Option<&str>, size: u64) -> Error {
+        Error::InvalidArgument(format!(
+            "{}: {}range at offset {offset} of length {length} extends past the end of the disk ({size} bytes)",
+            self.name,
+            bitmap.map_or(String::new(), |b| format!("bitmap '{b}': ")),
+        ))
     }
 
     fn read_only_error(&self) -> Error {
