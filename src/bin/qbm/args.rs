@@ -4,7 +4,7 @@
 //! Hand-written rather than clap: the grammar is fourteen fixed subcommands
 //! of positionals and a few options, while clap's code and the command tree
 //! it builds at every start cost 136 KiB of a `qbm info`'s peak memory on a
-//! 1 GiB image (1.65 -> 1.52 MiB), most of a command that backup scripts
+//! 1 GiB image (1.61 -> 1.48 MiB), most of a command that backup scripts
 //! run once per disk. The messages keep clap's wording.
 
 /// What the command line asks for.
