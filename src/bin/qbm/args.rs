@@ -890,4 +890,72 @@ mod tests {
         // --version belongs to qbm, not to its subcommands.
         assert!(usage(&["info", "--version", "i"]).contains("'--version'"));
     }
+
+    /// Any word salad of the grammar's own words and junk: never a panic,
+    /// and a refusal is one line that points to help.
+    #[test]
+    fn any_command_line_parses_or_is_refused_in_one_line() {
+        use proptest::prelude::*;
+        let mut words: Vec<String> = [
+            "--",
+            "-",
+            "help",
+            "-h",
+            "--help",
+            "-V",
+            "--version",
+            "-U",
+            "--force-share",
+            "--write-intent",
+            "--json",
+            "--json=1",
+            "-g",
+            "-g64k",
+            "--granularity=1M",
+            "-b",
+            "--offset",
+            "--length",
+            "--offset=4096",
+            "1x",
+            "-5",
+            "0",
+            "64k",
+            "16T",
+            "img",
+            "bm",
+            "\u{e9}",
+            "",
+            " ",
+            "--bogus",
+            "-Z",
+            "--=",
+            "-gg",
+        ]
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+        for s in &SUBS {
+            words.push(s.name.to_string());
+            words.extend(s.opts.iter().map(|o| format!("--{}", o.long)));
+        }
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(2000));
+        runner
+            .run(
+                &proptest::collection::vec(proptest::sample::select(words), 0..8),
+                |line| {
+                    match parse_strings(line.clone()) {
+                        Outcome::Usage(e) => {
+                            prop_assert!(
+                                !e.contains('\n') && e.ends_with("--help)"),
+                                "{line:?}: {e}"
+                            )
+                        }
+                        Outcome::Print(text) => prop_assert!(text.ends_with('\n'), "{line:?}"),
+                        Outcome::Run(_) => {}
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
 }
