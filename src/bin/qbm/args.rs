@@ -701,7 +701,7 @@ fn sub_help(sub: &Sub) -> String {
 }
 
 /// "512", "64k", "1.5G"... as qemu-img reads sizes (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
