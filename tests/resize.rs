@@ -241,14 +241,7 @@ fn raw_companion_resizes() {
 fn marks_racing_with_resize_are_kept() {
     let dir = TempDir::new("resize-race");
     let p = dir.join("r.qcow2");
-    let img = Image::create(
-        &p,
-        &CreateOptions {
-            size: 256 * MIB,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = create_image(&p, 256 * MIB);
     img.add_bitmap("b", Some(65536), true).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let marked: Vec<Vec<u64>> = std::thread::scope(|s| {
@@ -299,14 +292,7 @@ fn marks_past_a_moving_end_fail_cleanly() {
     let dir = TempDir::new("resize-end");
     let p = dir.join("e.qcow2");
     let (small, large) = (128 * MIB, 129 * MIB);
-    let img = Image::create(
-        &p,
-        &CreateOptions {
-            size: small,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = create_image(&p, small);
     img.add_bitmap("b", Some(65536), true).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (ok, refused) = std::thread::scope(|s| {

@@ -84,6 +84,16 @@ pub fn qemu_img(args: &[&str]) -> String {
     run(Command::new("qemu-img").args(args))
 }
 
+/// A new image of `size` bytes made by libqbm with the default options.
+pub fn create_image(path: &Path, size: u64) -> qbm::image::Image {
+    let options = qbm::image::CreateOptions {
+        size,
+        ..Default::default()
+    };
+    qbm::image::Image::create(path, &options)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
+}
+
 /// `qemu-img create -f qcow2 -o cluster_size=CS,refcount_bits=RB PATH SIZE`
 pub fn qemu_img_create(path: &Path, size: u64, cluster_size: u64, refcount_bits: u32) {
     run(Command::new("qemu-img")
