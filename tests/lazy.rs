@@ -23,14 +23,6 @@ fn alone() -> std::sync::MutexGuard<'static, ()> {
     ALONE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn lazy(writable: bool) -> OpenOptions {
-    OpenOptions {
-        writable,
-        lazy: true,
-        ..OpenOptions::default()
-    }
-}
-
 /// Every extent, walked with `next_extent` (the lazy, chunked way).
 fn walk(img: &Image, name: &str) -> Vec<(u64, u64)> {
     let mut out = Vec::new();

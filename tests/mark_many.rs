@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use qbm::image::{CreateOptions, Image, OpenOptions};
+use qbm::image::{Image, OpenOptions};
 use qbm::ByteRange;
 use std::path::Path;
 
@@ -14,14 +14,7 @@ const GIB: u64 = 1 << 30;
 const GRANULARITIES: [(&str, u64); 3] = [("g64k", 64 << 10), ("g512", 512), ("g2m", 2 << 20)];
 
 fn new_image(path: &Path, size: u64) -> Image {
-    let img = Image::create(
-        path,
-        &CreateOptions {
-            size,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = create_image(path, size);
     for (name, g) in GRANULARITIES {
         img.add_bitmap(name, Some(g), true).unwrap();
     }
@@ -195,15 +188,7 @@ fn a_batch_with_a_bad_range_marks_nothing() {
         libc::EROFS
     );
     drop(ro);
-    let lazy = Image::open(
-        &path,
-        OpenOptions {
-            writable: true,
-            lazy: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let lazy = Image::open(&path, lazy(true)).unwrap();
     let e = lazy.mark_dirty_many(&[good]).unwrap_err();
     assert!(e.to_string().contains("lazily"), "{e}");
 }

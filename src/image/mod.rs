@@ -303,11 +303,7 @@ impl Image {
         if self.intent.is_none() && self.enabled.mark_many_fast(ranges) {
             return Ok(());
         }
-        self.enabled.for_each(|b| {
-            for r in ranges {
-                b.mark_bytes(r.offset, r.length);
-            }
-        });
+        self.mark_in_memory(ranges);
         match &self.intent {
             Some(i) => self.mark_durable(i, ranges),
             None => Ok(()),
@@ -318,10 +314,17 @@ impl Image {
     #[inline]
     fn mark_dirty_plain(&self, offset: u64, length: u64) -> Result<()> {
         self.check_mark(offset, length, self.size.load(Ordering::Relaxed))?;
-        self.enabled.for_each(|b| {
-            b.mark_bytes(offset, length);
-        });
+        self.mark_in_memory(&[ByteRange { offset, length }]);
         Ok(())
+    }
+
+    /// Marks checked ranges in every enabled bitmap, the general way.
+    fn mark_in_memory(&self, ranges: &[ByteRange]) {
+        self.enabled.for_each(|b| {
+            for r in ranges {
+                b.mark_bytes(r.offset, r.length);
+            }
+        });
     }
 
     /// A mark of `[offset, offset + length)` is allowed on a disk of `size` bytes.

@@ -325,8 +325,8 @@ impl State {
         let src_table = self.slots[src].table.clone().expect("stored");
         let mut result = dst_table.clone();
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        // Clusters waiting to be written, contiguous from one allocation.
         let batch = (merge_batch_bytes(geo.total) / cs).max(1) as usize;
+        // Clusters waiting to be written, contiguous from one allocation.
         let mut pending: Vec<u8> = Vec::new();
         let mut pending_index: Vec<usize> = Vec::new();
         let mut changed = false;
@@ -388,10 +388,13 @@ impl State {
         buf: &mut Vec<u8>,
     ) -> Result<()> {
         match entry {
-            TableEntry::Zeros | TableEntry::Ones => {
-                let fill = if entry == TableEntry::Ones { 0xff } else { 0 };
+            TableEntry::Zeros => {
                 buf.clear();
-                buf.resize(len, fill);
+                buf.resize(len, 0);
+            }
+            TableEntry::Ones => {
+                buf.clear();
+                buf.resize(len, 0xff);
             }
             TableEntry::Data(off) => {
                 // The read fills it all: only a longer buffer is zeroed first.

@@ -94,6 +94,15 @@ pub fn create_image(path: &Path, size: u64) -> qbm::image::Image {
         .unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
 }
 
+/// Options of a lazy open (bitmap data read only where a call needs it).
+pub fn lazy(writable: bool) -> qbm::image::OpenOptions {
+    qbm::image::OpenOptions {
+        writable,
+        lazy: true,
+        ..Default::default()
+    }
+}
+
 /// `qemu-img create -f qcow2 -o cluster_size=CS,refcount_bits=RB PATH SIZE`
 pub fn qemu_img_create(path: &Path, size: u64, cluster_size: u64, refcount_bits: u32) {
     run(Command::new("qemu-img")

@@ -81,8 +81,8 @@ pub struct ImageBitmapRange {
 }
 
 /// Where parsing ends.
-pub enum Outcome<T> {
-    Run(T),
+pub enum Outcome {
+    Run(Cli),
     /// Help or version text: printed on stdout, success.
     Print(String),
     /// A usage error, one line (without the "qbm: " prefix): failure.
@@ -329,7 +329,7 @@ const SUBS: [Sub; 14] = [
 ];
 
 /// Parses `qbm`'s arguments (without the program name).
-pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Outcome<Cli> {
+pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Outcome {
     let mut strings = Vec::new();
     for a in args {
         match a.into_string() {
@@ -345,7 +345,7 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Outcome<Cli>
     parse_strings(strings)
 }
 
-fn parse_strings(args: Vec<String>) -> Outcome<Cli> {
+fn parse_strings(args: Vec<String>) -> Outcome {
     let mut sub: Option<&'static Sub> = None;
     match scan(args, &mut sub).and_then(|given| build(sub, given)) {
         Ok(outcome) => outcome,
@@ -462,7 +462,7 @@ fn find_opt(sub: Option<&'static Sub>, matches: impl Fn(&Opt) -> bool) -> Option
 }
 
 /// The typed command, or the help or version text asked for.
-fn build(sub: Option<&'static Sub>, mut given: Given) -> Result<Outcome<Cli>, String> {
+fn build(sub: Option<&'static Sub>, mut given: Given) -> Result<Outcome, String> {
     if given.version {
         return Ok(Outcome::Print(format!(
             "qbm {}\n",
@@ -741,7 +741,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 mod tests {
     use super::*;
 
-    fn parsed(words: &[&str]) -> Outcome<Cli> {
+    fn parsed(words: &[&str]) -> Outcome {
         parse_strings(words.iter().map(|w| w.to_string()).collect())
     }
 
